@@ -1,0 +1,1 @@
+"""Variational objectives that drop into ``pyro.infer.SVI(..., loss=...)``."""
