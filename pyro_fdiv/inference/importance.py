@@ -1,0 +1,273 @@
+"""Per-data-point log importance weights: the mechanism every objective here shares."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.distributions import Delta
+from pyro.distributions.util import is_identically_one, scale_and_mask
+from pyro.infer.util import is_validation_enabled
+from pyro.poutine.indep_messenger import CondIndepStackFrame
+from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import site_is_subsample
+from pyro.util import check_model_guide_match
+
+__all__ = [
+    "PARTICLE_PLATE",
+    "LogWeights",
+    "get_log_weights",
+    "guide_log_prob_at_detached",
+    "log_mean_exp",
+    "raise_non_finite",
+    "reparam_roots",
+    "site_log_prob",
+]
+
+#: Name of the plate that vectorizes particles (shared with Pyro's own ELBOs).
+PARTICLE_PLATE = "num_particles_vectorized"
+
+
+class LogWeights(NamedTuple):
+    r"""
+    Log importance weights of ``K`` particles, one per element of the shared plates.
+
+    :ivar torch.Tensor log_w: ``log p(x, z_k) - log q(z_k | x)`` of shape ``(K,) + batch_shape``,
+        differentiable (pathwise through reparameterized sites), with the subsample scale of the
+        shared plates divided out.
+    :ivar torch.Tensor score: ``log q`` of the non-reparameterizable guide sites reduced the same
+        way (the score-function surrogate), or ``None`` when every guide site is reparameterized.
+    :ivar float scale: the subsample scale :math:`\prod N/B` of the shared plates, to be applied to
+        the summed per-data-point bound.
+    :ivar tuple plates: the shared plate frames, outermost first; ``batch_shape`` follows them.
+    :ivar model_trace: the model trace (subsample sites pruned).
+    :ivar guide_trace: the guide trace, *with* its subsample sites (so it can be replayed).
+    """
+
+    log_w: torch.Tensor
+    score: torch.Tensor | None
+    scale: float
+    plates: tuple[CondIndepStackFrame, ...]
+    model_trace: Trace
+    guide_trace: Trace
+
+
+def _particle_plate(fn: Callable, num_particles: int, max_plate_nesting: int) -> Callable:
+    return pyro.plate(PARTICLE_PLATE, num_particles, dim=-max_plate_nesting - 1)(fn)
+
+
+def _sample_sites(trace: Trace) -> dict[str, dict]:
+    return {
+        name: site
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and not site_is_subsample(site)
+    }
+
+
+def _check_sites(model_sites: dict, guide_sites: dict) -> None:
+    for name, site in model_sites.items():
+        if site["is_observed"] or name in guide_sites:
+            continue
+        raise ValueError(
+            f"Model sample site '{name}' is neither observed nor sampled by the guide. "
+            "Importance weights need q(z) for every latent site: add a site named "
+            f"'{name}' to the guide, or pass obs= to the model's site."
+        )
+    for name, site in {**model_sites, **guide_sites}.items():
+        if site["infer"].get("enumerate"):
+            raise ValueError(
+                f"Site '{name}' is marked for enumeration (infer={site['infer']}); "
+                "pyro_fdiv objectives sample every latent site. Remove the 'enumerate' flag "
+                "or use pyro.infer.TraceEnum_ELBO."
+            )
+
+
+def _shared_plates(
+    sites: list[dict], names: list[str]
+) -> tuple[tuple[CondIndepStackFrame, ...], float]:
+    """The vectorized plates that every sample site shares, and their subsample scale."""
+    stacks = [
+        {f for f in site["cond_indep_stack"] if f.vectorized and f.name != PARTICLE_PLATE}
+        for site in sites
+    ]
+    shared = set.intersection(*stacks) if stacks else set()
+    for frame in set.union(set(), *stacks) - shared:
+        if frame.full_size is not None and frame.full_size > frame.size:
+            outside = [n for n, s in zip(names, stacks, strict=True) if frame not in s]
+            raise ValueError(
+                f"plate '{frame.name}' is subsampled ({frame.size} of {frame.full_size}) but "
+                f"sites {outside} are outside it. Per-data-point importance weights need the "
+                "subsampled plate to enclose every sample site of the model and guide (a data "
+                "plate around the whole model); subsample only such a plate, or move the "
+                "global latents' inference to a separate objective."
+            )
+    scale = 1.0
+    for frame in shared:
+        if frame.full_size is not None:
+            scale *= frame.full_size / frame.size
+    return tuple(sorted(shared, key=lambda f: f.dim)), scale
+
+
+def site_log_prob(site: dict, scale: float = 1.0) -> torch.Tensor:
+    """``log p(value)`` of a trace site with its mask and with its scale divided by ``scale``."""
+    log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+    site_scale = site["scale"]
+    if scale != 1.0:
+        site_scale = site_scale / scale
+    if is_identically_one(site_scale) and site["mask"] is None:
+        return log_p
+    return scale_and_mask(log_p, site_scale, site["mask"])
+
+
+def _reduce(
+    log_p: torch.Tensor, name: str, keep_dims: tuple[int, ...], max_plate_nesting: int
+) -> torch.Tensor:
+    """Sum a site's log-density over everything but the particle dim and ``keep_dims``."""
+    ndim = max_plate_nesting + 1
+    if log_p.dim() > ndim:
+        raise ValueError(
+            f"Site '{name}' has log_prob shape {tuple(log_p.shape)}, with batch dims left of the "
+            f"particle plate (max_plate_nesting={max_plate_nesting}). Declare event dims with "
+            ".to_event(...), put batch dims in a pyro.plate, or raise max_plate_nesting."
+        )
+    if log_p.dim() < ndim:
+        log_p = log_p.reshape((1,) * (ndim - log_p.dim()) + log_p.shape)
+    sum_dims = [d for d in range(-max_plate_nesting, 0) if d not in keep_dims]
+    if sum_dims:
+        log_p = log_p.sum(sum_dims, keepdim=True)
+    return log_p.reshape((log_p.shape[0], *tuple(log_p.shape[d] for d in keep_dims)))
+
+
+def _trace_pair(model, guide, args, kwargs) -> tuple[Trace, Trace]:
+    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    return model_trace, guide_trace
+
+
+def get_log_weights(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict[str, Any],
+    num_particles: int,
+    max_plate_nesting: int,
+) -> LogWeights:
+    r"""
+    Run ``guide`` once with ``num_particles`` particles vectorized in a plate, replay ``model``
+    against it, and return per-data-point log importance weights.
+
+    .. math::
+
+        \log w_{k,i} = \frac{1}{s}\Big(\log p(x_i, z_{k,i}) - \log q(z_{k,i} \mid x_i)\Big)
+
+    for each element ``i`` of the plates that every sample site shares (a VAE's data plate),
+    summing all other dimensions, where :math:`s = \prod N/B` is the subsample scale of those
+    plates (NumPyro's ``RenyiELBO`` rule: divide it out before any log-mean-exp, apply it to the
+    bound afterwards). A model with only global latents gets one weight per particle. All
+    particles share one subsample: the guide draws it, the model replays it.
+
+    :raises ValueError: for subsampling in a plate that not every site shares, a latent model
+        site missing from the guide, enumerated sites, or batch dims outside the plates.
+    """
+    model_trace, guide_trace = _trace_pair(
+        _particle_plate(model, num_particles, max_plate_nesting),
+        _particle_plate(guide, num_particles, max_plate_nesting),
+        args,
+        kwargs,
+    )
+    model_sites, guide_sites = _sample_sites(model_trace), _sample_sites(guide_trace)
+    if is_validation_enabled():
+        check_model_guide_match(model_trace, guide_trace, max_plate_nesting)
+    _check_sites(model_sites, guide_sites)
+    names = list(model_sites) + list(guide_sites)
+    plates, scale = _shared_plates(list(model_sites.values()) + list(guide_sites.values()), names)
+    keep_dims = tuple(f.dim for f in plates)
+
+    log_w, score = 0.0, None
+    for sign, sites in ((1.0, model_sites), (-1.0, guide_sites)):
+        for name, site in sites.items():
+            log_p = _reduce(site_log_prob(site, scale), name, keep_dims, max_plate_nesting)
+            log_w = log_w + sign * log_p
+            if sign < 0 and not site["fn"].has_rsample:
+                score = log_p if score is None else score + log_p
+    if not isinstance(log_w, torch.Tensor):
+        raise ValueError("The model and guide have no sample sites: nothing to weight.")
+    pruned = model_trace.copy()
+    for name, site in list(pruned.nodes.items()):
+        if site_is_subsample(site):
+            pruned.remove_node(name)
+    return LogWeights(log_w, score, scale, plates, pruned, guide_trace)
+
+
+def guide_log_prob_at_detached(
+    guide: Callable,
+    weights: LogWeights,
+    args: tuple,
+    kwargs: dict[str, Any],
+    num_particles: int,
+    max_plate_nesting: int,
+) -> torch.Tensor:
+    r"""
+    Re-run ``guide`` at the detached values of ``weights.guide_trace`` and return
+    :math:`\log q_\phi(\bar z)` reduced like :attr:`LogWeights.log_w`.
+
+    Its gradient is the guide's *direct* (score) dependence on :math:`\phi` with every sampled
+    value held fixed, which "sticking the landing" and DReG subtract from the total gradient.
+    Works for any guide (``pyro.param``, ``pyro.module``, autoguides, flows, hierarchical guides)
+    at the cost of one extra guide pass.
+    """
+    detached = Trace(graph_type=weights.guide_trace.graph_type)
+    for name, site in weights.guide_trace.nodes.items():
+        site = site.copy()
+        if isinstance(site.get("value"), torch.Tensor):
+            site["value"] = site["value"].detach()
+        detached.add_node(name, **site)
+    rerun = poutine.trace(
+        poutine.replay(_particle_plate(guide, num_particles, max_plate_nesting), trace=detached)
+    ).get_trace(*args, **kwargs)
+    keep_dims = tuple(f.dim for f in weights.plates)
+    total = 0.0
+    for name, site in _sample_sites(rerun).items():
+        total = total + _reduce(
+            site_log_prob(site, weights.scale), name, keep_dims, max_plate_nesting
+        )
+    return total
+
+
+def reparam_roots(guide_trace: Trace) -> dict[str, torch.Tensor]:
+    """Reparameterized, non-``Delta`` guide sample values that carry gradients."""
+    return {
+        name: site["value"]
+        for name, site in _sample_sites(guide_trace).items()
+        if site["fn"].has_rsample
+        and not isinstance(site["fn"], Delta)
+        and isinstance(site["value"], torch.Tensor)
+        and site["value"].requires_grad
+    }
+
+
+def raise_non_finite(loss: float, objective: str, weights: LogWeights) -> None:
+    """Raise a ``ValueError`` naming the sites whose log-densities are not finite."""
+    bad = []
+    for kind, trace in (("model", weights.model_trace), ("guide", weights.guide_trace)):
+        for name, site in _sample_sites(trace).items():
+            with torch.no_grad():
+                log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+            if not torch.isfinite(log_p).all():
+                n_bad = int((~torch.isfinite(log_p)).sum())
+                bad.append(f"{kind} site '{name}' ({n_bad} non-finite log_prob entries)")
+    where = "; ".join(bad) if bad else "no single site: the log weights overflowed when combined"
+    raise ValueError(
+        f"{objective} loss is {loss}. Non-finite log-densities at: {where}. Check the sites' "
+        "parameters (e.g. a scale that reached 0, a value outside the support), lower the "
+        "learning rate, or constrain the parameters."
+    )
+
+
+def log_mean_exp(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``log(mean(exp(x)))`` along ``dim``, stable for any magnitude."""
+    return torch.logsumexp(x, dim) - math.log(x.shape[dim])

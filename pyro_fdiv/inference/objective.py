@@ -1,0 +1,166 @@
+"""Base class of the per-data-point importance-weighted objectives."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+
+import torch
+from pyro.infer.elbo import ELBO
+
+from pyro_fdiv.inference.importance import LogWeights, get_log_weights, raise_non_finite
+
+__all__ = ["ImportanceObjective", "check_num_particles", "score_function_surrogate"]
+
+
+def check_num_particles(num_particles: object) -> int:
+    """Validate ``num_particles``: a positive integer."""
+    if (
+        isinstance(num_particles, bool)
+        or not isinstance(num_particles, numbers.Integral)
+        or num_particles < 1
+    ):
+        raise ValueError(f"Expected num_particles to be an integer >= 1, actual {num_particles!r}")
+    return int(num_particles)
+
+
+def score_function_surrogate(
+    bound: Callable[..., torch.Tensor], log_w: torch.Tensor, score: torch.Tensor
+) -> torch.Tensor:
+    r"""
+    Zero-valued surrogate whose gradient is the score-function term of a bound
+    :math:`F(\log w_1, \dots, \log w_K)` over non-reparameterized guide sites,
+
+    .. math::
+
+        \sum_k \big(F(\log w_{1:K}) - F(\log w_{1:K}^{(-k)})\big)\,\nabla_\phi \log q(z_k),
+
+    with the leave-one-out baseline of VIMCO [1]: :math:`\log w^{(-k)}` replaces
+    :math:`\log w_k` by the mean of the other particles' log weights, so the baseline does not
+    depend on :math:`z_k` and the estimator stays unbiased. With one particle no baseline exists.
+
+    :param bound: ``bound(log_w, dim)`` reducing the particle dimension ``dim``.
+    :param log_w: detached log weights of shape ``(K,) + batch_shape``.
+    :param score: ``log q`` of the non-reparameterized sites, same shape, differentiable.
+
+    **References**
+
+    [1] A. Mnih, D. Rezende. *Variational inference for Monte Carlo objectives*. ICML 2016.
+    """
+    num_particles = log_w.shape[0]
+    signal = bound(log_w, 0).unsqueeze(0)
+    if num_particles > 1:
+        mean_others = (log_w.sum(0, keepdim=True) - log_w) / (num_particles - 1)
+        loo = log_w.unsqueeze(0).expand((num_particles, *log_w.shape)).clone()
+        index = torch.arange(num_particles, device=log_w.device)
+        loo[index, index] = mean_others
+        signal = signal - bound(loo, 1)
+    term = (signal.detach() * score).sum(0)
+    return term - term.detach()
+
+
+class ImportanceObjective(ELBO):
+    r"""
+    Base class for objectives built on per-data-point log importance weights.
+
+    A subclass defines :meth:`bound`, a reduction of the particle dimension of the log weights
+    :math:`\log w_{k,i}` (see :func:`~pyro_fdiv.inference.importance.get_log_weights`) to one
+    bound per element of the shared plates. This class turns it into Pyro's three entry points:
+    :meth:`loss` (the negated bound summed over the batch and scaled by the subsample scale),
+    :meth:`differentiable_loss` (a tensor whose value is that loss and whose gradient is the
+    estimator, usable through :meth:`~pyro.infer.elbo.ELBO.__call__` as a
+    :class:`torch.nn.Module`) and :meth:`loss_and_grads` (for :class:`~pyro.infer.SVI`).
+
+    Particles are always vectorized in an outermost plate named ``num_particles_vectorized``,
+    so model and guide must have static structure and broadcast correctly.
+
+    :param int num_particles: number of particles :math:`K` per data point.
+    :param int max_plate_nesting: bound on the number of nested plates; guessed from one run of
+        model and guide if omitted.
+    :param bool vectorize_particles: accepted for compatibility with Pyro; must be ``True``.
+    :param bool retain_graph: passed to ``backward`` in :meth:`loss_and_grads`.
+    """
+
+    def __init__(
+        self,
+        num_particles: int = 1,
+        max_plate_nesting: float = float("inf"),
+        vectorize_particles: bool = True,
+        strict_enumeration_warning: bool = True,
+        retain_graph: bool | None = None,
+    ):
+        num_particles = check_num_particles(num_particles)
+        if vectorize_particles is not True:
+            raise ValueError(
+                "Expected vectorize_particles=True (particles are always a tensor dimension in "
+                f"pyro_fdiv objectives), actual {vectorize_particles!r}"
+            )
+        super().__init__(
+            num_particles=num_particles,
+            max_plate_nesting=max_plate_nesting,
+            vectorize_particles=False,
+            strict_enumeration_warning=strict_enumeration_warning,
+            retain_graph=retain_graph,
+        )
+
+    def bound(self, log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Reduce the particle dimension ``dim`` of log weights to a per-data-point bound."""
+        raise NotImplementedError
+
+    def _log_weights(self, model, guide, args, kwargs) -> LogWeights:
+        if self.max_plate_nesting == float("inf"):
+            self._guess_max_plate_nesting(model, guide, args, kwargs)
+        return get_log_weights(
+            model, guide, args, kwargs, self.num_particles, self.max_plate_nesting
+        )
+
+    def _get_trace(self, model, guide, args, kwargs):
+        """The model and guide traces of one vectorized run (Pyro's ``ELBO`` interface)."""
+        weights = self._log_weights(model, guide, args, kwargs)
+        return weights.model_trace, weights.guide_trace
+
+    def _surrogate(self, weights: LogWeights, model, guide, args, kwargs) -> torch.Tensor:
+        """Per-data-point tensor whose value is the bound and whose gradient is the estimator."""
+        surrogate = self.bound(weights.log_w)
+        if weights.score is not None:
+            surrogate = surrogate + score_function_surrogate(
+                self.bound, weights.log_w.detach(), weights.score
+            )
+        return surrogate
+
+    def _checked(self, loss: torch.Tensor, weights: LogWeights) -> float:
+        value = loss.item()
+        if not math.isfinite(value):
+            raise_non_finite(value, type(self).__name__, weights)
+        return value
+
+    @torch.no_grad()
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        """
+        :returns: the negated bound, summed over the batch and scaled by the subsample scale.
+        :rtype: float
+        """
+        weights = self._log_weights(model, guide, args, kwargs)
+        loss = -self.bound(weights.log_w).sum() * weights.scale
+        return self._checked(loss, weights)
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        """
+        :returns: a scalar tensor equal to :meth:`loss` whose gradient is the estimator.
+        """
+        weights = self._log_weights(model, guide, args, kwargs)
+        return -self._surrogate(weights, model, guide, args, kwargs).sum() * weights.scale
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """
+        Compute :meth:`loss` and back-propagate the estimator into every parameter.
+
+        :raises ValueError: naming the sites involved if the loss is not finite.
+        """
+        weights = self._log_weights(model, guide, args, kwargs)
+        loss = -self._surrogate(weights, model, guide, args, kwargs).sum() * weights.scale
+        value = self._checked(loss, weights)
+        if loss.requires_grad:
+            loss.backward(retain_graph=self.retain_graph)
+        return value
