@@ -180,9 +180,9 @@ def get_log_weights(
         kwargs,
     )
     model_sites, guide_sites = _sample_sites(model_trace), _sample_sites(guide_trace)
+    _check_sites(model_sites, guide_sites)
     if is_validation_enabled():
         check_model_guide_match(model_trace, guide_trace, max_plate_nesting)
-    _check_sites(model_sites, guide_sites)
     names = list(model_sites) + list(guide_sites)
     plates, scale = _shared_plates(list(model_sites.values()) + list(guide_sites.values()), names)
     keep_dims = tuple(f.dim for f in plates)

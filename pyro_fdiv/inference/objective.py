@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import torch
 from pyro.infer.elbo import ELBO
+from pyro.util import get_rng_state, set_rng_state
 
 from pyro_fdiv.inference.importance import LogWeights, get_log_weights, raise_non_finite
 
@@ -110,7 +111,10 @@ class ImportanceObjective(ELBO):
 
     def _log_weights(self, model, guide, args, kwargs) -> LogWeights:
         if self.max_plate_nesting == float("inf"):
+            # the guess runs model and guide once: keep the caller's random stream untouched
+            rng_state = get_rng_state()
             self._guess_max_plate_nesting(model, guide, args, kwargs)
+            set_rng_state(rng_state)
         return get_log_weights(
             model, guide, args, kwargs, self.num_particles, self.max_plate_nesting
         )
