@@ -235,3 +235,51 @@ def test_enumerated_site_raises():
 
     with pytest.raises(ValueError, match="'c' is marked for enumeration"):
         IWAE(num_particles=2, max_plate_nesting=0).loss(model, guide)
+
+
+def bernoulli_decoder_model(x):
+    logits = pyro.param("logits", torch.linspace(-3.0, 3.0, 6))
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Bernoulli(logits=logits * z.unsqueeze(-1)).to_event(1), obs=x)
+
+
+def normal_guide(x):
+    with pyro.plate("data", len(x)):
+        pyro.sample("z", dist.Normal(0.3, 1.2))
+
+
+def test_bernoulli_log_prob_path_is_bit_identical():
+    from pyro_fdiv.inference.importance import site_log_prob
+
+    x = torch.bernoulli(torch.full((4, 6), 0.4))
+    w = get_log_weights(bernoulli_decoder_model, normal_guide, (x,), {}, 3, 1)
+    site = w.model_trace.nodes["x"]
+    assert torch.equal(site_log_prob(site), site["fn"].log_prob(site["value"]))
+    # with probs instead of logits, or masked, the general path gives the same numbers
+    site = dict(site, mask=torch.tensor([True, False, True, True]))
+    expected = torch.where(site["mask"], site["fn"].log_prob(site["value"]), 0.0)
+    assert torch.equal(site_log_prob(site), expected)
+    with pytest.raises(ValueError, match="Expected value argument"):
+        site_log_prob(dict(site, value=torch.full((3, 4, 6), 0.5)))
+
+
+@pytest.mark.parametrize("validation", ["first", "always"])
+def test_validation_first_or_always(validation):
+    objective = IWAE(num_particles=3, max_plate_nesting=1, validation=validation)
+    good = torch.bernoulli(torch.full((4, 6), 0.4))
+    bad = good.clone()
+    bad[0, 0] = 0.5  # not a Bernoulli value
+    with pytest.raises(ValueError, match="Expected value argument"):
+        objective.loss(bernoulli_decoder_model, normal_guide, bad)  # first step validates
+    objective.loss(bernoulli_decoder_model, normal_guide, good)
+    if validation == "always":
+        with pytest.raises(ValueError, match="Expected value argument"):
+            objective.loss(bernoulli_decoder_model, normal_guide, bad)
+    else:  # same structure: this step runs without Pyro's checks, as a JIT objective would
+        assert math.isfinite(objective.loss(bernoulli_decoder_model, normal_guide, bad))
+        # a new structure (batch size 3) is validated again
+        with pytest.raises(ValueError, match="Expected value argument"):
+            objective.loss(bernoulli_decoder_model, normal_guide, bad[:3])
+    with pytest.raises(ValueError, match="validation in"):
+        IWAE(validation="never")

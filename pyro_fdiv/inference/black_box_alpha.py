@@ -23,9 +23,9 @@ def renyi_log_mean_exp(x: torch.Tensor, alpha: float, dim: int = 0) -> torch.Ten
     evaluated as ``log1p(mean(expm1(c)))``, which keeps full precision as :math:`\alpha \to 0`,
     elsewhere with ``logsumexp``, which cannot overflow.
     """
+    if alpha == 0 or x.shape[dim] == 1:  # the ELBO limit; or one particle: x itself
+        return x.mean(dim)
     mean = x.mean(dim, keepdim=True)
-    if alpha == 0:
-        return mean.squeeze(dim)
     c = alpha * (x - mean)
     near = c.abs().amax(dim) <= 1.0
     via_expm1 = torch.log1p(torch.expm1(c.clamp(-1.0, 1.0)).mean(dim))

@@ -8,14 +8,16 @@ from typing import Any, NamedTuple
 
 import pyro
 import torch
+import torch.nn.functional as F
 from pyro import poutine
-from pyro.distributions import Delta
+from pyro.distributions import Delta, Independent
 from pyro.distributions.util import is_identically_one, scale_and_mask
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.indep_messenger import CondIndepStackFrame
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from pyro.util import check_model_guide_match
+from torch.distributions.utils import broadcast_all
 
 __all__ = [
     "PARTICLE_PLATE",
@@ -26,6 +28,7 @@ __all__ = [
     "raise_non_finite",
     "reparam_roots",
     "site_log_prob",
+    "trace_signature",
 ]
 
 #: Name of the plate that vectorizes particles (shared with Pyro's own ELBOs).
@@ -44,8 +47,9 @@ class LogWeights(NamedTuple):
     :ivar float scale: the subsample scale :math:`\prod N/B` of the shared plates, to be applied to
         the summed per-data-point bound.
     :ivar tuple plates: the shared plate frames, outermost first; ``batch_shape`` follows them.
-    :ivar model_trace: the model trace (subsample sites pruned).
-    :ivar guide_trace: the guide trace, *with* its subsample sites (so it can be replayed).
+    :ivar model_trace: the model trace.
+    :ivar guide_trace: the guide trace (both keep their subsample sites, so they can be
+        replayed).
     """
 
     log_w: torch.Tensor
@@ -57,6 +61,9 @@ class LogWeights(NamedTuple):
 
 
 def _particle_plate(fn: Callable, num_particles: int, max_plate_nesting: int) -> Callable:
+    # One particle needs no plate (as in Pyro's ELBOs): the weights get a leading dim of 1.
+    if num_particles == 1:
+        return fn
     return pyro.plate(PARTICLE_PLATE, num_particles, dim=-max_plate_nesting - 1)(fn)
 
 
@@ -112,9 +119,30 @@ def _shared_plates(
     return tuple(sorted(shared, key=lambda f: f.dim)), scale
 
 
+def _log_prob(fn, value: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """``fn.log_prob(value)``; for ``Independent(Bernoulli(logits))`` the sum over the event
+    dims is taken before the negation (bit-identical, but one full-size pass fewer each way:
+    Bernoulli decoders over ``K x B x D`` pixels are the largest tensors of a VAE step)."""
+    base = getattr(fn, "base_dist", None)
+    if (
+        type(fn) in (Independent, torch.distributions.Independent)
+        and isinstance(base, torch.distributions.Bernoulli)
+        and "logits" in base.__dict__
+        and not args
+        and not kwargs
+    ):
+        if fn._validate_args:
+            fn._validate_sample(value)
+        logits, value = broadcast_all(base.logits, value)
+        bce = F.binary_cross_entropy_with_logits(logits, value, reduction="none")
+        dims = tuple(range(-fn.reinterpreted_batch_ndims, 0))
+        return -(bce.sum(dims) if dims else bce)
+    return fn.log_prob(value, *args, **kwargs)
+
+
 def site_log_prob(site: dict, scale: float = 1.0) -> torch.Tensor:
     """``log p(value)`` of a trace site with its mask and with its scale divided by ``scale``."""
-    log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+    log_p = _log_prob(site["fn"], site["value"], site["args"], site["kwargs"])
     site_scale = site["scale"]
     if scale != 1.0:
         site_scale = site_scale / scale
@@ -196,11 +224,16 @@ def get_log_weights(
                 score = log_p if score is None else score + log_p
     if not isinstance(log_w, torch.Tensor):
         raise ValueError("The model and guide have no sample sites: nothing to weight.")
-    pruned = model_trace.copy()
-    for name, site in list(pruned.nodes.items()):
-        if site_is_subsample(site):
-            pruned.remove_node(name)
-    return LogWeights(log_w, score, scale, plates, pruned, guide_trace)
+    return LogWeights(log_w, score, scale, plates, model_trace, guide_trace)
+
+
+def trace_signature(weights: LogWeights) -> tuple:
+    """Names, distribution types and shapes of every sample site: the structure validated."""
+    return tuple(
+        (kind, name, type(site["fn"]).__name__, tuple(site["value"].shape))
+        for kind, trace in (("model", weights.model_trace), ("guide", weights.guide_trace))
+        for name, site in _sample_sites(trace).items()
+    )
 
 
 def guide_log_prob_at_detached(
@@ -270,4 +303,6 @@ def raise_non_finite(loss: float, objective: str, weights: LogWeights) -> None:
 
 def log_mean_exp(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """``log(mean(exp(x)))`` along ``dim``, stable for any magnitude."""
+    if x.shape[dim] == 1:
+        return x.squeeze(dim)
     return torch.logsumexp(x, dim) - math.log(x.shape[dim])

@@ -128,12 +128,14 @@ class IWAE(ImportanceObjective):
         for name, value in roots.items():
             event_dim = weights.guide_trace.nodes[name]["fn"].event_dim
             shape = [w_tilde.shape[0]]
-            shape += [1] * (value.dim() - event_dim - 1 - self.max_plate_nesting)
+            shape += [1] * max(0, value.dim() - event_dim - 1 - self.max_plate_nesting)
             position = 1
             for dim in range(-self.max_plate_nesting, 0):
                 shape.append(w_tilde.shape[position] if dim in keep_dims else 1)
                 position += dim in keep_dims
             factor = w_tilde.reshape(shape + [1] * event_dim)
+            if factor.dim() > value.dim():  # one particle: no particle dim in the value
+                factor = factor.reshape(factor.shape[factor.dim() - value.dim() :])
             value.register_hook(lambda grad, factor=factor: grad * factor)
 
 
