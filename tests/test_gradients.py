@@ -45,28 +45,16 @@ def hand_written(estimator, eps):
     log_p = (dist.Normal(0.0, 1.0).log_prob(z) + dist.Normal(theta * z, 1.0).log_prob(X)).sum(-1)
     log_q = dist.Normal(loc, scale).log_prob(z).sum(-1)
     log_q_stl = dist.Normal(loc.detach(), scale.detach()).log_prob(z).sum(-1)
-    lme = lambda lw: torch.logsumexp(lw, 0) - math.log(K)  # noqa: E731
-    if estimator == "reparam":
-        return dict(
-            zip(
-                "theta a b c".split(),
-                torch.autograd.grad(-lme(log_p - log_q).sum(), (theta, a, b, c)),
-                strict=True,
-            )
-        )
-    if estimator == "stl":
-        return dict(
-            zip(
-                "theta a b c".split(),
-                torch.autograd.grad(-lme(log_p - log_q_stl).sum(), (theta, a, b, c)),
-                strict=True,
-            )
-        )
+    names, params = "theta a b c".split(), (theta, a, b, c)
+    if estimator in ("reparam", "stl"):
+        log_w = log_p - (log_q if estimator == "reparam" else log_q_stl)
+        loss = -(torch.logsumexp(log_w, 0) - math.log(K)).sum()
+        return dict(zip(names, torch.autograd.grad(loss, params), strict=True))
     # DReG: theta gets sum_k w_k grad log w_k; phi gets sum_k w_k^2 dlog w_k/dz dz/dphi
     w = torch.softmax((log_p - log_q).detach(), 0)
     (g_theta,) = torch.autograd.grad(-(w * (log_p - log_q)).sum(), (theta,), retain_graph=True)
     g_phi = torch.autograd.grad(-(w**2 * (log_p - log_q_stl)).sum(), (a, b, c))
-    return dict(zip("theta a b c".split(), (g_theta, *g_phi), strict=True))
+    return dict(zip(names, (g_theta, *g_phi), strict=True))
 
 
 @pytest.mark.parametrize("estimator", ["reparam", "stl", "dreg"])
