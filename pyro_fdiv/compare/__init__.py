@@ -1,0 +1,1 @@
+"""Judging approximate posteriors: HMC reference, metrics, fits and plots."""
