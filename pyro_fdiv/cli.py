@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import pandas as pd
 import pyro
@@ -70,17 +71,36 @@ def demo(
     return table
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="pyro-fdiv", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="fit PPCA with every objective; compare with the exact MLE")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--num-particles", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--smoke", action="store_true", help="a few steps, to check it runs")
-    p.add_argument("--out", help="write the table as CSV here")
-    args = parser.parse_args(argv)
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments give one line on stderr and exit status 2, no usage dump or traceback."""
 
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _writable_dir(text: str) -> Path:
+    path = Path(text)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".pyro_fdiv_write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot write to {text!r}: {e.strerror}") from None
+    return path
+
+
+def _run_demo(args: argparse.Namespace) -> None:
     steps = 20 if args.smoke else args.steps
     table = demo(steps=steps, num_particles=args.num_particles, seed=args.seed)
     print(
@@ -90,6 +110,66 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if args.out:
         table.to_csv(args.out, index=False)
+
+
+def _run_eight_schools(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from pyro_fdiv.compare import eight_schools
+    from pyro_fdiv.compare.methods import available_methods
+
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    unknown = [m for m in methods or [] if m not in available_methods()]
+    if unknown:
+        parser.error(
+            f"unknown method(s) {', '.join(unknown)}; known: {', '.join(available_methods())}"
+        )
+    steps = args.steps or (300 if args.quick else 5000)
+    table = eight_schools.run(
+        args.out,
+        methods,
+        steps=steps,
+        num_draws=2000 if args.quick else 10_000,
+        seed=args.seed,
+        parameterization=args.parameterization,
+        reference=args.reference,
+    )
+    print(eight_schools.format_summary(table))
+    print(
+        f"written: {args.out / 'summary.csv'}, {args.out / 'samples'}, {args.out / 'marginals.png'}"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = _Parser(prog="pyro-fdiv", description="pyro_fdiv's jobs")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("demo", help="fit PPCA with every objective; compare with the exact MLE")
+    p.add_argument("--steps", type=_positive_int, default=2000)
+    p.add_argument("--num-particles", type=_positive_int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="a few steps, to check it runs")
+    p.add_argument("--out", help="write the table as CSV here")
+
+    e = sub.add_parser(
+        "eight-schools", help="compare every method's Eight Schools posterior with NUTS"
+    )
+    e.add_argument("--out", type=_writable_dir, default=Path("eight_schools_out"))
+    e.add_argument("--methods", help="comma-separated method names (default: all registered)")
+    e.add_argument("--steps", type=_positive_int, help="SVI steps per method (default 5000)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--parameterization", choices=("noncentered", "centered"), default="noncentered")
+    e.add_argument(
+        "--reference",
+        choices=("cached", "recompute"),
+        default="cached",
+        help="NUTS reference: shipped/cached draws, or rerun NUTS",
+    )
+    e.add_argument("--quick", action="store_true", help="300 steps, 2,000 draws: a smoke run")
+
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        _run_demo(args)
+    else:
+        _run_eight_schools(args, e)
 
 
 if __name__ == "__main__":
