@@ -24,7 +24,12 @@ from pyro_fdiv.compare.posterior import (
     sample_unconstrained,
     unconstrained_log_density,
 )
-from pyro_fdiv.compare.reference import NUTSSettings, load_reference, reference_draws
+from pyro_fdiv.compare.reference import (
+    NUTSSettings,
+    diagnostics,
+    load_reference,
+    reference_draws,
+)
 from pyro_fdiv.models import eight_schools as es
 
 __all__ = [
@@ -234,6 +239,7 @@ def run(
 def _run(out, chosen, steps, num_draws, seed, parameterization, recompute, progress):
     ref_idata = load_reference("noncentered", recompute=recompute, progress=progress)
     ref = reference_draws(ref_idata)
+    checks = diagnostics(ref_idata)  # warns on R-hat > 1.01 or divergences
     log_evidence = es.log_evidence()
     rows, results = [], {}
     for method in chosen:
@@ -253,7 +259,13 @@ def _run(out, chosen, steps, num_draws, seed, parameterization, recompute, progr
         idata.to_netcdf(str(out / "samples" / f"{method.name}.nc"))
         rows.append(compare_draws(result, ref, log_evidence))
         results[method.name] = result
-    return pd.DataFrame(rows, columns=COLUMNS), results, ref
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    table.attrs["reference"] = (
+        f"NUTS reference {ref.shape[0]} x {ref.shape[1]} draws: max R-hat "
+        f"{checks['r_hat'].max():.4f}, min bulk ESS {checks['ess_bulk'].min():.0f}, "
+        f"{checks.attrs['divergences']} divergences"
+    )
+    return table, results, ref
 
 
 def format_summary(table: pd.DataFrame) -> str:
@@ -264,7 +276,8 @@ def format_summary(table: pd.DataFrame) -> str:
         "exact_kl_*: from the guide's density and log p(y) by quadrature (empty without a "
         "density). The nuts row compares two independent NUTS runs: the noise floor."
     )
-    return table.to_string(index=False, float_format=lambda v: f"{v:.3f}") + "\n" + notes
+    text = table.to_string(index=False, float_format=lambda v: f"{v:.3f}")
+    return "\n".join([table.attrs.get("reference", ""), text, notes]).lstrip()
 
 
 def list_default_methods() -> list[str]:
