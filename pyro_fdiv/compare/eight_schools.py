@@ -18,7 +18,7 @@ from pyro.infer import SVI
 from tqdm.auto import tqdm
 
 from pyro_fdiv.compare import metrics
-from pyro_fdiv.compare.methods import Method, get_method
+from pyro_fdiv.compare.methods import Method, available_methods, get_method
 from pyro_fdiv.compare.posterior import (
     has_density,
     sample_unconstrained,
@@ -70,29 +70,18 @@ class MethodResult:
     extra: dict = field(default_factory=dict)
 
 
-def _unconstrained_z(sites: dict[str, torch.Tensor], parameterization: str) -> torch.Tensor:
-    """Guide draws of one parameterization -> ``(n, 10)`` non-centered unconstrained ``z``."""
-    mu, log_tau = sites["mu"].reshape(-1), sites["tau"].reshape(-1)
-    n = mu.shape[0]
-    if parameterization == "noncentered":
-        theta_tilde = sites["theta_tilde"].reshape(n, -1)
-    else:
-        theta_tilde = (sites["theta"].reshape(n, -1) - mu[:, None]) / log_tau.exp()[:, None]
-    return torch.cat([mu[:, None], log_tau[:, None], theta_tilde], dim=-1)
-
-
 def _guide_log_q(guide, parameterization: str):
     r"""``z -> log q(z)`` in non-centered unconstrained coordinates: a centered guide's density
     gets the Jacobian of :math:`\theta = \mu + \tau\tilde\theta`, :math:`8 \log\tau`."""
 
     def log_q(z: torch.Tensor) -> torch.Tensor:
-        mu, log_tau, theta_tilde = z[:, 0], z[:, 1], z[:, 2:]
-        sites = {"mu": mu, "tau": log_tau}
+        values = es.from_unconstrained(z)
+        sites = {"mu": values["mu"], "tau": z[:, 1]}  # the guide's tau coordinate is log tau
         if parameterization == "noncentered":
-            sites["theta_tilde"] = theta_tilde
+            sites["theta_tilde"] = values["theta_tilde"]
             return unconstrained_log_density(guide, sites)
-        sites["theta"] = mu[:, None] + log_tau.exp()[:, None] * theta_tilde
-        return unconstrained_log_density(guide, sites) + theta_tilde.shape[-1] * log_tau
+        sites["theta"] = values["theta"]
+        return unconstrained_log_density(guide, sites) + es.NUM_SCHOOLS * z[:, 1]
 
     return log_q
 
@@ -119,7 +108,7 @@ def fit_method(
         losses.append(svi.step())
     seconds = time.perf_counter() - start
     sites = sample_unconstrained(model, guide, num_draws)
-    z = _unconstrained_z(sites, parameterization).to(torch.float64)
+    z = es.to_unconstrained({**sites, "tau": sites["tau"].exp()}).to(torch.float64)
     log_q = _guide_log_q(guide, parameterization) if has_density(guide) else None
     return MethodResult(method.name, z.numpy()[None], seconds, log_q, extra={"losses": losses})
 
@@ -208,7 +197,7 @@ def run(
 
     :param reference: ``"cached"`` (the shipped or cached NUTS draws) or ``"recompute"``.
     """
-    chosen = [get_method(name) for name in (methods or list_default_methods())]
+    chosen = [get_method(name) for name in (methods or available_methods())]
     if steps < 1:
         raise ValueError(f"Expected steps >= 1, actual {steps}")
     out = Path(out)
@@ -278,10 +267,3 @@ def format_summary(table: pd.DataFrame) -> str:
     )
     text = table.to_string(index=False, float_format=lambda v: f"{v:.3f}")
     return "\n".join([table.attrs.get("reference", ""), text, notes]).lstrip()
-
-
-def list_default_methods() -> list[str]:
-    """Every registered method."""
-    from pyro_fdiv.compare.methods import available_methods
-
-    return available_methods()

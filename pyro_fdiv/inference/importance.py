@@ -170,6 +170,13 @@ def _reduce(
     return log_p.reshape((log_p.shape[0], *tuple(log_p.shape[d] for d in keep_dims)))
 
 
+def _site_term(
+    name: str, site: dict, scale: float, keep_dims: tuple[int, ...], max_plate_nesting: int
+) -> torch.Tensor:
+    """A site's log-density, subsample scale divided out, reduced to ``(K,) + batch_shape``."""
+    return _reduce(site_log_prob(site, scale), name, keep_dims, max_plate_nesting)
+
+
 def _trace_pair(model, guide, args, kwargs) -> tuple[Trace, Trace]:
     guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
     model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
@@ -218,7 +225,7 @@ def get_log_weights(
     log_w, score = 0.0, None
     for sign, sites in ((1.0, model_sites), (-1.0, guide_sites)):
         for name, site in sites.items():
-            log_p = _reduce(site_log_prob(site, scale), name, keep_dims, max_plate_nesting)
+            log_p = _site_term(name, site, scale, keep_dims, max_plate_nesting)
             log_w = log_w + sign * log_p
             if sign < 0 and not site["fn"].has_rsample:
                 score = log_p if score is None else score + log_p
@@ -265,9 +272,7 @@ def guide_log_prob_at_detached(
     keep_dims = tuple(f.dim for f in weights.plates)
     total = 0.0
     for name, site in _sample_sites(rerun).items():
-        total = total + _reduce(
-            site_log_prob(site, weights.scale), name, keep_dims, max_plate_nesting
-        )
+        total = total + _site_term(name, site, weights.scale, keep_dims, max_plate_nesting)
     return total
 
 
