@@ -25,6 +25,7 @@ __all__ = [
     "get_log_weights",
     "guide_log_prob_at_detached",
     "log_mean_exp",
+    "log_weights_from_traces",
     "raise_non_finite",
     "reparam_roots",
     "site_log_prob",
@@ -214,6 +215,17 @@ def get_log_weights(
         args,
         kwargs,
     )
+    return log_weights_from_traces(model_trace, guide_trace, max_plate_nesting)
+
+
+def log_weights_from_traces(
+    model_trace: Trace, guide_trace: Trace, max_plate_nesting: int
+) -> LogWeights:
+    """
+    :func:`get_log_weights` for traces already run: ``model_trace`` holds every latent site at
+    the guide's values (the guide ran first and the model replayed it, or the model ran first and
+    the guide replayed it at the model's values).
+    """
     model_sites, guide_sites = _sample_sites(model_trace), _sample_sites(guide_trace)
     _check_sites(model_sites, guide_sites)
     if is_validation_enabled():
