@@ -9,7 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from pyro_fdiv.inference import IWAE, BlackBoxAlpha
+from pyro_fdiv.inference import IWAE, BlackBoxAlpha, FDivergenceBound
+
+#: A known target density for the f-divergence bound (a training set would need spread noise,
+#: which replaces the model's observation scale, so `noise` would get no gradient).
+TARGET = dist.Normal(torch.zeros(3, dtype=torch.float64), 1.5).to_event(1)
 
 OBJECTIVES = {
     "iwae": lambda k: IWAE(num_particles=k),
@@ -19,8 +23,15 @@ OBJECTIVES = {
     "bbalpha-0.5": lambda k: BlackBoxAlpha(0.5, num_particles=k),
     "bbalpha-2": lambda k: BlackBoxAlpha(2.0, num_particles=k),
     "bbalpha-neg": lambda k: BlackBoxAlpha(-0.5, num_particles=k),
+    "fdiv-reverse-kl": lambda k: FDivergenceBound("reverse_kl", data=TARGET, num_particles=k),
+    "fdiv-forward-kl": lambda k: FDivergenceBound("forward_kl", data=TARGET, num_particles=k),
+    "fdiv-js": lambda k: FDivergenceBound("js", data=TARGET, num_particles=k),
 }
-CLASSES = {"iwae": IWAE, "bbalpha": lambda **kw: BlackBoxAlpha(0.5, **kw)}
+CLASSES = {
+    "iwae": IWAE,
+    "bbalpha": lambda **kw: BlackBoxAlpha(0.5, **kw),
+    "fdiv": lambda **kw: FDivergenceBound("js", data=TARGET, **kw),
+}
 
 
 class Model(nn.Module):
