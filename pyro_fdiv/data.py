@@ -1,0 +1,227 @@
+"""Datasets of the deep generative model papers: MNIST, binarized MNIST, Omniglot.
+
+Files are read from a directory given by argument or by the ``PYRO_FDIV_DATA`` environment
+variable, in the layout of the original distributions (each dataset in its own sub-folder, or
+all files directly in the directory)::
+
+    DATA/mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz     (LeCun et al.)
+    DATA/binarized_mnist/binarized_mnist.npz                         (keys train/valid/test)
+        or binarized_mnist_{train,valid,test}.amat                   (Larochelle & Murray text)
+    DATA/omniglot/chardata.mat                                       (Burda et al.'s 28x28 set)
+        or omniglot_28x28.npz                                        (an area-downsampled stand-in)
+
+Nothing here needs torchvision; :func:`load_mnist` can download through it with
+``download=True`` where it is installed and the network is reachable. A missing file raises a
+:class:`FileNotFoundError` listing the file names expected and the directories searched.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DATA_ENV",
+    "dynamic_binarize",
+    "load_binarized_mnist",
+    "load_dataset",
+    "load_mnist",
+    "load_omniglot",
+]
+
+#: Environment variable naming the data directory.
+DATA_ENV = "PYRO_FDIV_DATA"
+
+_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+
+def _roots(root: str | os.PathLike | None, sub: str) -> list[Path]:
+    if root is None:
+        root = os.environ.get(DATA_ENV)
+    if root is None:
+        raise FileNotFoundError(
+            f"No data directory: pass root=... or set ${DATA_ENV} to a directory holding "
+            f"'{sub}/' (see pyro_fdiv.data for the expected files)"
+        )
+    root = Path(root).expanduser()
+    return [root / sub, root]
+
+
+def _find(root, sub: str, names: list[str]) -> Path:
+    """The first of ``names`` present in ``root/sub`` or ``root``."""
+    dirs = _roots(root, sub)
+    for name in names:
+        for d in dirs:
+            if (d / name).is_file():
+                return d / name
+    raise FileNotFoundError(
+        f"None of {names} found in {[str(d) for d in dirs]}; download them there or point "
+        f"root=/${DATA_ENV} at the directory that holds them"
+    )
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        buf = f.read()
+    if buf[:3] != b"\x00\x00\x08":
+        raise ValueError(f"{path} is not an unsigned-byte IDX file (magic {buf[:4].hex()})")
+    ndim = buf[3]
+    shape = tuple(int.from_bytes(buf[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(buf, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _check_split(split: str, allowed: tuple[str, ...]) -> None:
+    if split not in allowed:
+        raise ValueError(f"Expected split in {allowed}, actual {split!r}")
+
+
+def dynamic_binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One Bernoulli draw per pixel with the grey level as probability (a fresh binarization
+    each call: "dynamic binarization", Burda et al. 2016)."""
+    return torch.bernoulli(x, generator=generator)
+
+
+def _binarize(x: torch.Tensor, binarize: str | None, seed: int) -> torch.Tensor:
+    if binarize is None:
+        return x
+    if binarize == "threshold":
+        return (x > 0.5).to(x.dtype)
+    if binarize == "dynamic":
+        return dynamic_binarize(x, torch.Generator().manual_seed(seed))
+    raise ValueError(f"Expected binarize in (None, 'dynamic', 'threshold'), actual {binarize!r}")
+
+
+def _tensor(images: np.ndarray, dtype: torch.dtype | None) -> torch.Tensor:
+    flat = images.reshape(images.shape[0], -1)
+    return torch.tensor(flat, dtype=dtype or torch.get_default_dtype())
+
+
+def load_mnist(
+    root: str | os.PathLike | None = None,
+    split: str = "train",
+    *,
+    binarize: str | None = None,
+    seed: int = 0,
+    download: bool = False,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    MNIST from the four IDX files.
+
+    :param str split: ``"train"`` (60,000) or ``"test"`` (10,000).
+    :param binarize: ``None`` (grey levels in [0, 1]), ``"dynamic"`` (one Bernoulli draw per
+        pixel with generator seed ``seed``; draw again per epoch with :func:`dynamic_binarize`)
+        or ``"threshold"`` (pixel > 0.5).
+    :param bool download: fetch the files with torchvision if they are missing.
+    :returns: ``(images (N, 784), labels (N,))``.
+    """
+    _check_split(split, tuple(_MNIST_FILES))
+    if binarize not in (None, "dynamic", "threshold"):
+        raise ValueError(
+            f"Expected binarize in (None, 'dynamic', 'threshold'), actual {binarize!r}"
+        )
+    image_file, label_file = _MNIST_FILES[split]
+    try:
+        images_path = _find(root, "mnist", [image_file])
+    except FileNotFoundError:
+        if not download:
+            raise
+        images_path = _download_mnist(root, image_file)
+    labels = torch.as_tensor(_read_idx(images_path.parent / label_file).astype(np.int64))
+    x = _tensor(_read_idx(images_path), dtype) / 255.0
+    return _binarize(x, binarize, seed), labels
+
+
+def _download_mnist(root, image_file: str) -> Path:
+    try:
+        from torchvision.datasets import MNIST  # lazily: never required
+    except Exception as error:
+        raise FileNotFoundError(
+            f"{image_file} is missing and torchvision is unavailable to download it ({error})"
+        ) from error
+    target = _roots(root, "mnist")[1]
+    MNIST(str(target), download=True)
+    return _find(target / "MNIST" / "raw", ".", [image_file])
+
+
+def load_binarized_mnist(
+    root: str | os.PathLike | None = None,
+    split: str = "train",
+    *,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """
+    The fixed binarization of Larochelle & Murray (2011): 50,000 / 10,000 / 10,000 images in
+    ``{0, 1}``, from ``binarized_mnist.npz`` or the original ``.amat`` text files.
+
+    :param str split: ``"train"``, ``"valid"`` or ``"test"``.
+    :returns: images of shape ``(N, 784)``.
+    """
+    _check_split(split, ("train", "valid", "test"))
+    path = _find(root, "binarized_mnist", ["binarized_mnist.npz", f"binarized_mnist_{split}.amat"])
+    if path.suffix == ".npz":
+        with np.load(path) as archive:
+            images = archive[split]
+    else:
+        images = np.loadtxt(path, dtype=np.uint8)
+    return _tensor(images, dtype)
+
+
+def load_omniglot(
+    root: str | os.PathLike | None = None,
+    split: str = "train",
+    *,
+    binarize: str | None = None,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """
+    Omniglot at 28x28, the split of Burda et al. (2016) (24,345 train, 8,070 test) from their
+    ``chardata.mat``; otherwise ``omniglot_28x28.npz`` (all 32,460 images area-downsampled from
+    the 105x105 originals, split by drawer: the first 15 of 20 drawings of each character for
+    training, 24,345 / 8,115; not verified to match chardata.mat, so likelihoods are not
+    directly comparable with published ones).
+
+    :param binarize: ``None``, ``"dynamic"`` or ``"threshold"``, as in :func:`load_mnist`.
+    :returns: images of shape ``(N, 784)`` in [0, 1].
+    """
+    _check_split(split, ("train", "test"))
+    path = _find(root, "omniglot", ["chardata.mat", "omniglot_28x28.npz"])
+    if path.suffix == ".mat":
+        from scipy.io import loadmat
+
+        mat = loadmat(path)
+        images = mat["data" if split == "train" else "testdata"].T.reshape(-1, 28, 28)
+        x = _tensor(np.ascontiguousarray(images.transpose(0, 2, 1)), dtype)  # column-major
+    else:
+        with np.load(path) as archive:
+            keep = archive["drawer"] < 15 if split == "train" else archive["drawer"] >= 15
+            x = _tensor(archive["images"][keep], dtype) / 255.0
+    if binarize == "threshold":
+        x = (x > 0.5).to(x.dtype)
+    elif binarize == "dynamic":
+        x = dynamic_binarize(x, torch.Generator().manual_seed(seed))
+    elif binarize is not None:
+        raise ValueError(
+            f"Expected binarize in (None, 'dynamic', 'threshold'), actual {binarize!r}"
+        )
+    return x
+
+
+def load_dataset(name: str, root=None, split: str = "train", **kwargs) -> torch.Tensor:
+    """``"binarized-mnist"``, ``"mnist"`` (images only) or ``"omniglot"`` by name."""
+    if name == "binarized-mnist":
+        return load_binarized_mnist(root, split, **kwargs)
+    if name == "mnist":
+        return load_mnist(root, split, **kwargs)[0]
+    if name == "omniglot":
+        return load_omniglot(root, split, **kwargs)
+    raise ValueError(f"Unknown dataset {name!r}; expected 'binarized-mnist', 'mnist' or 'omniglot'")
