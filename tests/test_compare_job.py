@@ -100,8 +100,8 @@ def test_method_registry():
         "bbalpha-2",
     ]
     assert get_method("nuts").is_reference and not get_method("iwae").is_reference
-    with pytest.raises(ValueError, match="unknown method 'avb'; known methods: nuts"):
-        get_method("avb")
+    with pytest.raises(ValueError, match="unknown method 'bogus'; known methods: nuts"):
+        get_method("bogus")
     with pytest.raises(ValueError, match="already registered"):
         register_method(Method("iwae", "again"))
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from pyro_fdiv.inference import IWAE, BlackBoxAlpha, FDivergenceBound
+from pyro_fdiv.inference import AVB, IWAE, BlackBoxAlpha, FDivergenceBound
 
 #: A known target density for the f-divergence bound (a training set would need spread noise,
 #: which replaces the model's observation scale, so `noise` would get no gradient).
@@ -26,6 +26,9 @@ OBJECTIVES = {
     "fdiv-reverse-kl": lambda k: FDivergenceBound("reverse_kl", data=TARGET, num_particles=k),
     "fdiv-forward-kl": lambda k: FDivergenceBound("forward_kl", data=TARGET, num_particles=k),
     "fdiv-js": lambda k: FDivergenceBound("js", data=TARGET, num_particles=k),
+    # adaptive contrast estimates the guide's moments from the particles: K >= 2
+    "avb": lambda k: AVB(num_particles=max(k, 2)),
+    "avb-prior-contrast": lambda k: AVB(num_particles=k, adaptive_contrast=False),
 }
 CLASSES = {
     "iwae": IWAE,

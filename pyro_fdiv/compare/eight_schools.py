@@ -13,6 +13,7 @@ import arviz as az
 import numpy as np
 import pandas as pd
 import pyro
+import pyro.util
 import torch
 from pyro.infer import SVI
 from tqdm.auto import tqdm
@@ -94,19 +95,41 @@ def fit_method(
     seed: int,
     parameterization: str = "noncentered",
     progress: bool = True,
+    cache: dict | None = None,
 ) -> MethodResult:
-    """Fit ``method``'s guide with ``SVI`` and draw ``num_draws`` samples from it."""
-    pyro.clear_param_store()
-    pyro.set_rng_seed(seed)
-    model = functools.partial(es.model, parameterization=parameterization)
-    guide = method.guide(model)
-    optim = pyro.optim.ClippedAdam({"lr": method.lr, "lrd": 0.1 ** (1 / steps)})
-    svi = SVI(model, guide, optim, loss=method.objective())
-    start = time.perf_counter()
-    losses = []
-    for _ in tqdm(range(steps), desc=method.name, disable=not progress, leave=False):
-        losses.append(svi.step())
-    seconds = time.perf_counter() - start
+    """
+    Fit ``method``'s guide with ``SVI`` and draw ``num_draws`` samples from it, or, for a method
+    with a ``draws`` hook (an objective that runs a Markov chain, e.g. ``jsa-chain``), take the
+    chain's draws from the fitted objective (autocorrelated, no density).
+
+    :param dict cache: if given, the fit is kept in it, and a method with the same guide,
+        objective factory and learning rate as the previous call's (``jsa`` and ``jsa-chain``)
+        reuses it: same guide, same chain, same random state afterwards as a fresh fit.
+    """
+    key = (method.guide, method.objective, method.lr, steps, seed, parameterization)
+    if cache is not None and cache.get("key") == key:
+        model, guide, objective, losses, seconds, rng_state = cache["fit"]
+        pyro.util.set_rng_state(rng_state)
+    else:
+        pyro.clear_param_store()
+        pyro.set_rng_seed(seed)
+        model = functools.partial(es.model, parameterization=parameterization)
+        guide = method.guide(model)
+        optim = pyro.optim.ClippedAdam({"lr": method.lr, "lrd": 0.1 ** (1 / steps)})
+        objective = method.objective()
+        svi = SVI(model, guide, optim, loss=objective)
+        start = time.perf_counter()
+        losses = []
+        for _ in tqdm(range(steps), desc=method.name, disable=not progress, leave=False):
+            losses.append(svi.step())
+        seconds = time.perf_counter() - start
+        if cache is not None:
+            cache["key"] = key
+            cache["fit"] = (model, guide, objective, losses, seconds, pyro.util.get_rng_state())
+    if method.draws is not None:
+        draws = np.asarray(method.draws(objective, num_draws), dtype=np.float64)
+        extra = {"losses": losses}
+        return MethodResult(method.name, draws, seconds, autocorrelated=True, extra=extra)
     sites = sample_unconstrained(model, guide, num_draws)
     z = es.to_unconstrained({**sites, "tau": sites["tau"].exp()}).to(torch.float64)
     log_q = _guide_log_q(guide, parameterization) if has_density(guide) else None
@@ -230,7 +253,7 @@ def _run(out, chosen, steps, num_draws, seed, parameterization, recompute, progr
     ref = reference_draws(ref_idata)
     checks = diagnostics(ref_idata)  # warns on R-hat > 1.01 or divergences
     log_evidence = es.log_evidence()
-    rows, results = [], {}
+    rows, results, cache = [], {}, {}
     for method in chosen:
         if method.is_reference:
             result = _reference_result("noncentered", recompute, progress)
@@ -243,6 +266,7 @@ def _run(out, chosen, steps, num_draws, seed, parameterization, recompute, progr
                 seed=seed,
                 parameterization=parameterization,
                 progress=progress,
+                cache=cache,
             )
             idata = to_inference_data(result.draws)
         idata.to_netcdf(str(out / "samples" / f"{method.name}.nc"))

@@ -6,10 +6,13 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+import torch
 from pyro.infer import ELBO, Trace_ELBO
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
-from pyro_fdiv.inference import IWAE, BlackBoxAlpha
+from pyro_fdiv.inference import AVB, IWAE, JSA, AutoImplicit, BlackBoxAlpha
+from pyro_fdiv.models import eight_schools as es
 
 __all__ = ["METHODS", "Method", "available_methods", "get_method", "register_method"]
 
@@ -25,6 +28,9 @@ class Method:
     :param guide: builds a guide from the model (e.g. an autoguide class).
     :param objective: builds the loss passed to ``SVI(..., loss=...)``.
     :param float lr: initial Adam learning rate; decays tenfold over the run.
+    :param draws: optional ``draws(objective, num_draws)`` returning the method's draws in the
+        unconstrained coordinates, shape ``(chains, draws, 10)``, from a Markov chain the fitted
+        objective ran (autocorrelated: the kNN metrics window them) instead of from the guide.
     """
 
     name: str
@@ -32,6 +38,7 @@ class Method:
     guide: Callable[[Callable], Callable] | None = None
     objective: Callable[[], ELBO] | None = None
     lr: float = 0.02
+    draws: Callable[[ELBO, int], np.ndarray] | None = None
 
     @property
     def is_reference(self) -> bool:
@@ -90,6 +97,59 @@ for _method in (
         "black-box alpha, alpha=2, K=64, AutoMultivariateNormal",
         FullRank,
         lambda: BlackBoxAlpha(2.0, num_particles=64),
+    ),
+):
+    register_method(_method)
+
+# Adversarial variational Bayes (issue 5): a neural sampler (noise 14 -> 64 -> 64 -> 10 plus a
+# Gaussian part) against an MLP discriminator (128, 128) with adaptive contrast, K = 64, two
+# adversary steps per step as in the paper. Measured (5000 steps, about 50 s): kl_ref_q 0.032,
+# kl_q_ref 0.108 at seed 0 against the full-rank ELBO's 0.104 and 0.192.
+register_method(
+    Method(
+        "avb",
+        "adversarial variational Bayes, AutoImplicit guide, adaptive contrast, K=64",
+        functools.partial(AutoImplicit, hidden=(64, 64)),
+        lambda: AVB(num_particles=64, num_adversary_steps=2, discriminator_hidden=(128, 128)),
+        lr=0.005,
+    )
+)
+
+
+# Joint stochastic approximation (issue 6): one Metropolis independence chain over all latent
+# sites with the full-rank guide as its proposal, 16 proposals (transitions) per step; the guide
+# climbs log q at the chain's states (inclusive KL). `jsa` reports the fitted guide, `jsa-chain`
+# the chain's states after a burn-in of the first fifth of the run (the job fits them once).
+# Measured (seed 0, 5000 steps): jsa-chain kNN KL -0.000 / 0.007, mean |z| 0.011, max W1 0.031
+# (NUTS against NUTS: -0.002 / 0.014, 0.010, 0.044); the jsa guide exact KL(p||q) 0.216.
+def jsa_objective() -> JSA:
+    """The Eight Schools JSA: one chain, 16 transitions per step, its states recorded."""
+    return JSA(num_particles=16, record_history=True)
+
+
+def jsa_chain_draws(objective: JSA, num_draws: int) -> np.ndarray:
+    """The JSA chain's states after the first fifth of the run, evenly thinned to
+    ``num_draws``, in Eight Schools' unconstrained coordinates: shape ``(1, num_draws, 10)``."""
+    states = objective.history(burn_in=objective.num_recorded // 5)
+    sites = ("mu", "tau", "theta_tilde", "theta")  # theta: the centered parameterization
+    z = es.to_unconstrained({name: states[name] for name in sites if name in states})
+    index = torch.linspace(0, len(z) - 1, num_draws).round().long()
+    return z[index].to(torch.float64).numpy()[None]
+
+
+for _method in (
+    Method(
+        "jsa",
+        "JSA (inclusive KL at a Metropolis independence chain), K=16, AutoMultivariateNormal",
+        FullRank,
+        jsa_objective,
+    ),
+    Method(
+        "jsa-chain",
+        "the JSA chain's states after burn-in (the first fifth of the run), as MCMC draws",
+        FullRank,
+        jsa_objective,
+        draws=jsa_chain_draws,
     ),
 ):
     register_method(_method)

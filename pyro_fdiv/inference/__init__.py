@@ -1,8 +1,29 @@
 """Variational objectives that drop into ``pyro.infer.SVI(..., loss=...)``."""
 
+from pyro_fdiv.inference.avb import AVB, Discriminator
 from pyro_fdiv.inference.black_box_alpha import BlackBoxAlpha
+from pyro_fdiv.inference.fdiv_bound import FDivergenceBound
+from pyro_fdiv.inference.fgan import FGANBound
+from pyro_fdiv.inference.implicit import AutoImplicit, Implicit, implicit_sample
 from pyro_fdiv.inference.importance import LogWeights, get_log_weights
 from pyro_fdiv.inference.iwae import IWAE
+from pyro_fdiv.inference.jsa import JSA
 from pyro_fdiv.inference.objective import ImportanceObjective
+from pyro_fdiv.inference.spread import SpreadSchedule
 
-__all__ = ["IWAE", "BlackBoxAlpha", "ImportanceObjective", "LogWeights", "get_log_weights"]
+__all__ = [
+    "AVB",
+    "IWAE",
+    "JSA",
+    "AutoImplicit",
+    "BlackBoxAlpha",
+    "Discriminator",
+    "FDivergenceBound",
+    "FGANBound",
+    "Implicit",
+    "ImportanceObjective",
+    "LogWeights",
+    "SpreadSchedule",
+    "get_log_weights",
+    "implicit_sample",
+]

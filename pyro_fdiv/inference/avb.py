@@ -1,0 +1,644 @@
+"""Adversarial variational Bayes: implicit guides trained against a discriminator."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from pyro import poutine
+from pyro.distributions.transforms import biject_to
+from pyro.distributions.util import is_identically_one, scale_and_mask, sum_rightmost
+from pyro.infer.autoguide.utils import helpful_support_errors
+from pyro.infer.elbo import ELBO
+from pyro.infer.util import is_validation_enabled
+from pyro.poutine.indep_messenger import CondIndepStackFrame
+from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
+from pyro.util import check_model_guide_match, get_rng_state, set_rng_state
+from torch import nn
+from torch.func import functional_call
+
+from pyro_fdiv.inference.importance import (
+    _check_sites,
+    _particle_plate,
+    _reduce,
+    _sample_sites,
+    _shared_plates,
+    _site_term,
+)
+from pyro_fdiv.inference.objective import check_num_particles
+
+__all__ = ["AVB", "Discriminator"]
+
+#: Floor on the Monte Carlo standard deviations of adaptive contrast.
+MIN_SCALE = 1e-8
+
+
+class Discriminator(nn.Module):
+    r"""
+    The default discriminator :math:`T_\psi(x, z)`: a multilayer perceptron with ELU hidden
+    layers on the concatenation of the latent features ``z`` and, for amortized guides over a
+    data plate, the observed features ``x``, returning one logit per row. ELU keeps
+    :math:`\nabla_z T` continuous, which the guide's gradient goes through.
+
+    :param int z_dim: number of latent features.
+    :param int x_dim: number of observed features (0: :math:`T(z)` only).
+    :param hidden: widths of the hidden layers.
+    """
+
+    def __init__(self, z_dim: int, x_dim: int = 0, hidden: Sequence[int] = (256, 256)):
+        super().__init__()
+        self.z_dim, self.x_dim = int(z_dim), int(x_dim)
+        layers: list[nn.Module] = []
+        width = self.z_dim + self.x_dim
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.ELU()]
+            width = size
+        layers.append(nn.Linear(width, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """:param z: ``batch_shape + (z_dim,)``; :param x: ``batch_shape + (x_dim,)`` or
+        ``None``; :returns: logits of shape ``batch_shape``."""
+        h = z if x is None else torch.cat([z, x], dim=-1)
+        return self.net(h).squeeze(-1)
+
+
+class _Draw(NamedTuple):
+    """One vectorized run of guide and model, reduced to ``(K,) + batch_shape`` terms."""
+
+    model_trace: Trace
+    guide_trace: Trace
+    log_joint: torch.Tensor  # log p(x, z), every model site
+    log_lik: torch.Tensor  # observed sites only
+    log_jac: torch.Tensor  # log |d z / d zeta| of the latent sites' bijections
+    z: torch.Tensor  # (K,) + batch_shape + (z_dim,): unconstrained latent features
+    x: torch.Tensor | None  # (K,) + batch_shape + (x_dim,) observed features, amortized only
+    scale: float
+    plates: tuple[CondIndepStackFrame, ...]
+
+
+def _flatten(
+    value: torch.Tensor,
+    event_dim: int,
+    plates: tuple[CondIndepStackFrame, ...],
+    num_particles: int,
+    max_plate_nesting: int,
+    name: str,
+) -> torch.Tensor:
+    """A site's value as ``(K,) + batch_shape + (features,)``: the shared plates' dims kept,
+    every other batch dim (a plate not shared by all sites) and the event flattened."""
+    nb = max_plate_nesting + 1
+    batch_ndim = value.dim() - event_dim
+    if batch_ndim > nb:
+        raise ValueError(
+            f"Site '{name}' has batch shape {tuple(value.shape[:batch_ndim])}, with dims left of "
+            f"the particle plate (max_plate_nesting={max_plate_nesting}). Declare event dims "
+            "with .to_event(...), put batch dims in a pyro.plate, or raise max_plate_nesting."
+        )
+    batch = tuple(value.shape[:batch_ndim])
+    v = value.reshape((1,) * (nb - batch_ndim) + batch + (-1,))
+    target = list(v.shape)
+    target[0] = num_particles
+    for frame in plates:
+        target[nb + frame.dim] = frame.size
+    v = v.expand(target)
+    keep = [nb + frame.dim for frame in plates]
+    rest = [i for i in range(1, nb) if i not in keep]
+    v = v.permute(0, *keep, *rest, nb)
+    return v.reshape(num_particles, *(frame.size for frame in plates), -1)
+
+
+def _is_latent(site: dict) -> bool:
+    return not site["is_observed"]
+
+
+def _scaled(term: torch.Tensor, site: dict, scale: float) -> torch.Tensor:
+    site_scale = site["scale"] if scale == 1.0 else site["scale"] / scale
+    if is_identically_one(site_scale) and site["mask"] is None:
+        return term
+    return scale_and_mask(term, site_scale, site["mask"])
+
+
+class AVB(ELBO):
+    r"""
+    Adversarial variational Bayes of Mescheder et al. [1]: trains guides whose density is
+    unknown (neural samplers :math:`z = g_\phi(x, \epsilon)`, see
+    :func:`~pyro_fdiv.inference.implicit_sample` and
+    :class:`~pyro_fdiv.inference.AutoImplicit`) by estimating the log-density ratio that the ELBO
+    needs with a discriminator :math:`T_\psi`.
+
+    All latent sites are compared in the unconstrained coordinates
+    :math:`\zeta = T_s^{-1}(z)` of the model's supports (``biject_to``), flattened per element
+    of the plates that every site shares (one feature vector per data point of an amortized
+    guide; one vector of all latents for global latents). The guide's own density is never
+    evaluated: every guide site, implicit or explicit, is treated as a sample.
+
+    **Without adaptive contrast** the discriminator separates guide samples from prior samples
+    (the model run with its latents drawn from the prior and the same data),
+
+    .. math::
+
+        \max_\psi\; \mathbb{E}_{q_\phi(\zeta \mid x)} \log\sigma(T_\psi(x, \zeta))
+        + \mathbb{E}_{p(\zeta)} \log(1 - \sigma(T_\psi(x, \zeta))),
+
+    whose optimum is :math:`T^* = \log q_\phi(\zeta \mid x) - \log p(\zeta)` [1, Prop. 1], and
+    the model and guide maximize
+
+    .. math::
+
+        \mathcal{L} = \mathbb{E}_{q_\phi}\big[\log p_\theta(x \mid z) - T_\psi(x, \zeta)\big].
+
+    **With adaptive contrast** (the default) the guide's per-data-point mean :math:`\mu` and
+    standard deviation :math:`\sigma` are estimated from the ``num_particles`` particles and
+    not back-propagated, the discriminator separates :math:`\bar\zeta = (\zeta - \mu)/\sigma`
+    from :math:`\eta \sim \mathcal{N}(0, I)`, so :math:`T^* = \log q(\zeta \mid x)
+    - \log r(\zeta \mid x)` with :math:`r = \mathcal{N}(\mu, \operatorname{diag}\sigma^2)`, and
+
+    .. math::
+
+        \mathcal{L} = \mathbb{E}_{q_\phi}\Big[\log p_\theta(x, z)
+        + \log\Big|\frac{\partial z}{\partial \zeta}\Big| - \log r(\zeta \mid x)
+        - T_\psi(x, \bar\zeta)\Big],
+
+    the log-Jacobian turning the density of :math:`\zeta` into that of :math:`z`. Without
+    adaptive contrast it cancels between :math:`\log p(x, z)` and the prior's density over
+    :math:`\zeta`, which leaves :math:`\log p(x \mid z) - T`; the parameters of the latent
+    sites' prior then get no gradient, as in [1] (use adaptive contrast for learned priors).
+
+    In both, :math:`T_\psi` enters the guide's gradient only through :math:`z` (its parameters
+    are detached: the expected gradient through :math:`\psi`'s dependence on :math:`\phi` is
+    zero at the optimum, [1, Prop. 2]); the discriminator is trained only by its own loss, with
+    its own optimizer, on detached samples. :meth:`loss` returns :math:`-\mathcal{L}` summed
+    over the batch (scaled by the subsample scale), an ELBO estimate, and changes no state;
+    :meth:`differentiable_loss` its differentiable version; :meth:`loss_and_grads` also takes
+    ``num_adversary_steps`` discriminator steps, the first on the same guide draw (the paper's
+    simultaneous updates), the others on fresh draws. In a plain PyTorch loop call
+    :meth:`adversary_step` after each model step. The discriminator's last loss is
+    :attr:`adversary_loss` (:math:`2\log 2` when it cannot tell the two apart);
+    :meth:`discriminator_loss` evaluates it without training.
+
+    The default discriminator (:class:`Discriminator`) is built on first use from the numbers
+    of latent and (amortized guides only) observed features, from a forked random stream so
+    that building it draws nothing from the caller's. :meth:`state_dict` and
+    :meth:`load_state_dict` hold the discriminator and its optimizer, so training resumes
+    exactly (with Pyro's param store, the SVI optimizer's state and the RNG state).
+
+    Example::
+
+        guide = AutoImplicit(model)
+        avb = AVB(num_particles=64, num_adversary_steps=2)
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 5e-3}), loss=avb)
+        for step in range(2000):
+            elbo = -svi.step()
+            critic = avb.adversary_loss
+
+    :param discriminator: an :class:`torch.nn.Module` called as ``discriminator(z, x)``
+        (``x`` is ``None`` for global latents) returning logits of shape ``z.shape[:-1]``, or
+        ``None`` for the default.
+    :param bool adaptive_contrast: contrast standardized guide samples with
+        :math:`\mathcal{N}(0, I)` instead of guide samples with prior samples.
+    :param int num_adversary_steps: discriminator steps per :meth:`loss_and_grads` (the paper
+        used 2 for Eight Schools); 0 freezes the discriminator.
+    :param adversary_optim: the discriminator's optimizer: a callable taking its parameters
+        (e.g. ``functools.partial(torch.optim.Adam, lr=1e-3)``), a dict of
+        :class:`torch.optim.Adam` arguments, or ``None`` for ``Adam(lr=1e-3)``.
+    :param int num_particles: guide samples :math:`K` per data point per step (at least 2 with
+        adaptive contrast, whose moments they estimate).
+    :param discriminator_hidden: hidden widths of the default discriminator.
+    :param max_plate_nesting: as for :class:`~pyro.infer.elbo.ELBO`; guessed if omitted.
+    :param retain_graph: passed to ``backward`` in :meth:`loss_and_grads`.
+
+    **References**
+
+    [1] L. Mescheder, S. Nowozin, A. Geiger. *Adversarial Variational Bayes: Unifying
+    Variational Autoencoders and Generative Adversarial Networks*. ICML 2017.
+    """
+
+    def __init__(
+        self,
+        discriminator: nn.Module | None = None,
+        adaptive_contrast: bool = True,
+        num_adversary_steps: int = 1,
+        adversary_optim: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+        | Mapping[str, Any]
+        | None = None,
+        num_particles: int = 16,
+        *,
+        discriminator_hidden: Sequence[int] = (256, 256),
+        max_plate_nesting: float = float("inf"),
+        retain_graph: bool | None = None,
+    ):
+        if discriminator is not None and not isinstance(discriminator, nn.Module):
+            raise ValueError(
+                "Expected discriminator to be a torch.nn.Module or None, actual "
+                f"{type(discriminator).__name__}"
+            )
+        if not isinstance(adaptive_contrast, bool):
+            raise ValueError(
+                f"Expected adaptive_contrast to be a bool, actual {adaptive_contrast!r}"
+            )
+        if (
+            isinstance(num_adversary_steps, bool)
+            or not isinstance(num_adversary_steps, numbers.Integral)
+            or num_adversary_steps < 0
+        ):
+            raise ValueError(
+                "Expected num_adversary_steps to be an integer >= 0, actual "
+                f"{num_adversary_steps!r}"
+            )
+        num_particles = check_num_particles(num_particles)
+        if adaptive_contrast and num_particles < 2:
+            raise ValueError(
+                f"Expected num_particles >= 2 with adaptive_contrast=True (the guide's moments "
+                f"are estimated from the particles), actual {num_particles}; raise num_particles "
+                "or pass adaptive_contrast=False"
+            )
+        if adversary_optim is None:
+            adversary_optim = {"lr": 1e-3}
+        if isinstance(adversary_optim, Mapping):
+            adam_kwargs = dict(adversary_optim)
+            adversary_optim = _AdamFactory(adam_kwargs)
+        elif not callable(adversary_optim):
+            raise ValueError(
+                "Expected adversary_optim to be a callable taking the discriminator's parameters, "
+                f"a dict of Adam arguments, or None, actual {adversary_optim!r}"
+            )
+        hidden = tuple(discriminator_hidden)
+        if not all(
+            isinstance(h, numbers.Integral) and not isinstance(h, bool) and h >= 1 for h in hidden
+        ):
+            raise ValueError(
+                "Expected discriminator_hidden to be a sequence of positive integers, actual "
+                f"{discriminator_hidden!r}"
+            )
+        super().__init__(
+            num_particles=num_particles,
+            max_plate_nesting=max_plate_nesting,
+            vectorize_particles=False,
+            retain_graph=retain_graph,
+        )
+        self.adaptive_contrast = adaptive_contrast
+        self.num_adversary_steps = int(num_adversary_steps)
+        self.discriminator_hidden = hidden
+        self._make_optim = adversary_optim
+        self.discriminator = discriminator
+        self.adversary_optim: torch.optim.Optimizer | None = None
+        if discriminator is not None:
+            self.adversary_optim = self._make_optim(discriminator.parameters())
+        self._pending_state: dict | None = None
+        #: The discriminator's loss at its last update (``nan`` before the first).
+        self.adversary_loss = math.nan
+        #: Number of discriminator updates taken.
+        self.num_adversary_updates = 0
+
+    # ---------------------------------------------------------------------------------------
+    # Traces and features
+
+    def _guess_max_plate_nesting(self, model, guide, args, kwargs) -> None:
+        # Pyro's guess evaluates the guide's log_prob under validation: not for implicit sites.
+        with poutine.block():
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+                *args, **kwargs
+            )
+        dims = [
+            frame.dim
+            for trace in (model_trace, guide_trace)
+            for site in prune_subsample_sites(trace).nodes.values()
+            if site["type"] == "sample"
+            for frame in site["cond_indep_stack"]
+            if frame.vectorized
+        ]
+        self.max_plate_nesting = -min(dims) if dims else 0
+
+    def _ensure_max_plate_nesting(self, model, guide, args, kwargs) -> None:
+        if self.max_plate_nesting == float("inf"):
+            rng_state = get_rng_state()  # the guess runs the guide: keep the caller's stream
+            self._guess_max_plate_nesting(model, guide, args, kwargs)
+            set_rng_state(rng_state)
+
+    def _latent_features(
+        self, trace: Trace, plates, scale: float, with_jacobian: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | float]:
+        k, mpn = self.num_particles, self.max_plate_nesting
+        keep_dims = tuple(frame.dim for frame in plates)
+        features, log_jac = [], 0.0
+        for name, site in _sample_sites(trace).items():
+            if not _is_latent(site):
+                continue
+            fn, value = site["fn"], site["value"]
+            with helpful_support_errors(site):
+                transform = biject_to(fn.support)
+            zeta = transform.inv(value)
+            event_dim = fn.event_dim + zeta.dim() - value.dim()
+            features.append(_flatten(zeta, event_dim, plates, k, mpn, name))
+            if with_jacobian:
+                ldj = transform.log_abs_det_jacobian(zeta, value)
+                ldj = sum_rightmost(ldj, ldj.dim() - value.dim() + fn.event_dim)
+                ldj = _scaled(ldj, site, scale)
+                log_jac = log_jac + _reduce(ldj, name, keep_dims, mpn)
+        if not features:
+            raise ValueError(
+                "The model has no latent sample sites: AVB has nothing to infer. Leave out the "
+                "guide and fit the parameters by maximum likelihood instead."
+            )
+        return torch.cat(features, dim=-1), log_jac
+
+    def _draw(self, model, guide, args, kwargs) -> _Draw:
+        """Run the guide with ``K`` vectorized particles and replay the model against it."""
+        k, mpn = self.num_particles, self.max_plate_nesting
+        guide_trace = poutine.trace(_particle_plate(guide, k, mpn)).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(
+            poutine.replay(_particle_plate(model, k, mpn), trace=guide_trace)
+        ).get_trace(*args, **kwargs)
+        model_sites, guide_sites = _sample_sites(model_trace), _sample_sites(guide_trace)
+        _check_sites(model_sites, guide_sites)
+        if is_validation_enabled():
+            check_model_guide_match(model_trace, guide_trace, mpn)
+        sites = {
+            **{f"model site '{n}'": s for n, s in model_sites.items()},
+            **{
+                f"guide site '{n}'": s
+                for n, s in guide_sites.items()
+                if not s["infer"].get("is_auxiliary")
+            },
+        }
+        plates, scale = _shared_plates(list(sites.values()), list(sites))
+        keep_dims = tuple(frame.dim for frame in plates)
+
+        log_joint, log_lik = 0.0, 0.0
+        x_features = []
+        for name, site in model_sites.items():
+            term = _site_term(name, site, scale, keep_dims, mpn)
+            log_joint = log_joint + term
+            if site["is_observed"]:
+                log_lik = log_lik + term
+                if plates and not site["infer"].get("_deterministic"):
+                    x_features.append(
+                        _flatten(site["value"], site["fn"].event_dim, plates, k, mpn, name)
+                    )
+        z, log_jac = self._latent_features(model_trace, plates, scale, with_jacobian=True)
+        shape = z.shape[:-1]
+        x = torch.cat([f.to(z) for f in x_features], dim=-1) if x_features else None
+        zero = z.new_zeros(shape)
+        return _Draw(
+            model_trace,
+            guide_trace,
+            log_joint + zero,
+            log_lik + zero,
+            log_jac + zero,
+            z,
+            x,
+            scale,
+            plates,
+        )
+
+    def _prior_features(self, model, draw: _Draw, args, kwargs) -> torch.Tensor:
+        """Latent features of the model run with its latents drawn from the prior (the same
+        data and subsample), detached."""
+        subsample = Trace(graph_type=draw.guide_trace.graph_type)
+        for name, site in draw.guide_trace.nodes.items():
+            if site["type"] == "sample" and site_is_subsample(site):
+                subsample.add_node(name, **site)
+        k, mpn = self.num_particles, self.max_plate_nesting
+        with torch.no_grad(), poutine.block():
+            prior_trace = poutine.trace(
+                poutine.replay(_particle_plate(model, k, mpn), trace=subsample)
+            ).get_trace(*args, **kwargs)
+        z, _ = self._latent_features(prior_trace, draw.plates, draw.scale, with_jacobian=False)
+        if z.shape != draw.z.shape:
+            raise ValueError(
+                f"Prior samples have latent features of shape {tuple(z.shape)}, guide samples "
+                f"{tuple(draw.z.shape)}: the model's latent sites must not depend on the guide."
+            )
+        return z
+
+    # ---------------------------------------------------------------------------------------
+    # The discriminator
+
+    def _ensure_discriminator(self, draw: _Draw) -> None:
+        z_dim = draw.z.shape[-1]
+        x_dim = 0 if draw.x is None else draw.x.shape[-1]
+        if self.discriminator is None:
+            with torch.random.fork_rng(devices=[]):
+                disc = Discriminator(z_dim, x_dim, self.discriminator_hidden)
+            self.discriminator = disc.to(dtype=draw.z.dtype, device=draw.z.device)
+            self.adversary_optim = self._make_optim(self.discriminator.parameters())
+        if self._pending_state is not None:
+            state, self._pending_state = self._pending_state, None
+            self.load_state_dict(state)
+        expected = (
+            getattr(self.discriminator, "z_dim", z_dim),
+            getattr(self.discriminator, "x_dim", x_dim),
+        )
+        if expected != (z_dim, x_dim):
+            raise ValueError(
+                f"The discriminator was built for {expected[0]} latent and {expected[1]} observed "
+                f"features, actual {z_dim} and {x_dim}: the model's shapes changed. Use a new AVB "
+                "objective for a different model."
+            )
+
+    def _logits(self, z: torch.Tensor, x: torch.Tensor | None, detach: bool) -> torch.Tensor:
+        disc = self.discriminator
+        if not detach:
+            return disc(z, x)
+        params = {name: p.detach() for name, p in disc.named_parameters()}
+        params.update(dict(disc.named_buffers()))
+        return functional_call(disc, params, (z, x))
+
+    @staticmethod
+    def _standardize(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z - mu) / sd`` and ``log r(z) = log N(z; mu, sd^2)`` summed over features, with
+        the moments over the particle dim detached."""
+        zd = z.detach()
+        mu = zd.mean(0)
+        sd = zd.std(0).clamp_min(MIN_SCALE)
+        z_bar = (z - mu) / sd
+        log_r = (-0.5 * z_bar**2 - sd.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
+        return z_bar, log_r
+
+    def _elbo(self, draw: _Draw) -> torch.Tensor:
+        """Per-particle, per-data-point ELBO estimate; gradients reach the guide through z only
+        and never reach the discriminator."""
+        if self.adaptive_contrast:
+            z_bar, log_r = self._standardize(draw.z)
+            t = self._logits(z_bar, draw.x, detach=True)
+            return draw.log_joint + draw.log_jac - log_r - t
+        return draw.log_lik - self._logits(draw.z, draw.x, detach=True)
+
+    def _adversary_logits(self, model, draw: _Draw, args, kwargs):
+        z = draw.z.detach()
+        x = None if draw.x is None else draw.x.detach()
+        if self.adaptive_contrast:
+            z_q = self._standardize(z)[0]
+            z_p = torch.randn_like(z_q)
+        else:
+            z_q, z_p = z, self._prior_features(model, draw, args, kwargs)
+        return self._logits(z_q, x, detach=False), self._logits(z_p, x, detach=False)
+
+    @staticmethod
+    def _adversary_objective(t_q: torch.Tensor, t_p: torch.Tensor) -> torch.Tensor:
+        r""":math:`-\mathbb{E}_q\log\sigma(T) - \mathbb{E}_p\log(1 - \sigma(T))`."""
+        return F.softplus(-t_q).mean() + F.softplus(t_p).mean()
+
+    def _adversary_update(self, model, draw: _Draw, args, kwargs) -> float:
+        t_q, t_p = self._adversary_logits(model, draw, args, kwargs)
+        loss = self._adversary_objective(t_q, t_p)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise ValueError(
+                f"AVB discriminator loss is {value}: its logits are not finite. Lower the "
+                "adversary learning rate (adversary_optim) or check the latent values."
+            )
+        self.adversary_optim.zero_grad(set_to_none=True)
+        loss.backward()
+        self.adversary_optim.step()
+        self.adversary_loss = value
+        self.num_adversary_updates += 1
+        return value
+
+    # ---------------------------------------------------------------------------------------
+    # Entry points
+
+    def _prepare(self, model, guide, args, kwargs) -> _Draw:
+        self._ensure_max_plate_nesting(model, guide, args, kwargs)
+        draw = self._draw(model, guide, args, kwargs)
+        self._ensure_discriminator(draw)
+        return draw
+
+    def _get_trace(self, model, guide, args, kwargs):
+        """The model and guide traces of one vectorized run (Pyro's ``ELBO`` interface)."""
+        draw = self._prepare(model, guide, args, kwargs)
+        return draw.model_trace, draw.guide_trace
+
+    def _checked(self, loss: torch.Tensor, draw: _Draw) -> float:
+        value = loss.item()
+        if math.isfinite(value):
+            return value
+        bad = []
+        for name, site in _sample_sites(draw.model_trace).items():
+            with torch.no_grad():
+                log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+            if not torch.isfinite(log_p).all():
+                bad.append(f"model site '{name}' ({int((~torch.isfinite(log_p)).sum())} entries)")
+        where = "; ".join(bad) if bad else "no model site: the discriminator output or log r"
+        raise ValueError(
+            f"AVB loss is {value}. Non-finite log-densities at: {where}. Check the sites' "
+            "parameters, lower the learning rates, or constrain the parameters."
+        )
+
+    @torch.no_grad()
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        """
+        :returns: the negated ELBO estimate, summed over the batch and scaled by the subsample
+            scale. Takes no adversary step and changes no state.
+        :rtype: float
+        """
+        draw = self._prepare(model, guide, args, kwargs)
+        return self._checked(-self._elbo(draw).mean(0).sum() * draw.scale, draw)
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        """
+        :returns: a scalar tensor equal to :meth:`loss` whose gradient is AVB's estimator for
+            the model's and guide's parameters (none reaches the discriminator). Takes no
+            adversary step: call :meth:`adversary_step` for that.
+        """
+        draw = self._prepare(model, guide, args, kwargs)
+        return -self._elbo(draw).mean(0).sum() * draw.scale
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """
+        Back-propagate the model's and guide's loss into their parameters, then take
+        ``num_adversary_steps`` discriminator steps (the first on the same guide draw).
+
+        :returns: :meth:`loss`, evaluated before the discriminator steps.
+        :raises ValueError: naming the sites involved if the loss is not finite.
+        """
+        draw = self._prepare(model, guide, args, kwargs)
+        loss = -self._elbo(draw).mean(0).sum() * draw.scale
+        value = self._checked(loss, draw)
+        if loss.requires_grad:
+            loss.backward(retain_graph=self.retain_graph)
+        for step in range(self.num_adversary_steps):
+            if step > 0:
+                with torch.no_grad():
+                    draw = self._draw(model, guide, args, kwargs)
+            self._adversary_update(model, draw, args, kwargs)
+        return value
+
+    def adversary_step(self, model, guide, *args, **kwargs) -> float:
+        """
+        One discriminator update on a fresh guide draw (and fresh prior or
+        :math:`\\mathcal{N}(0, I)` samples), leaving the model's and guide's parameters and
+        gradients untouched.
+
+        :returns: the discriminator's loss before the update.
+        """
+        with torch.no_grad():
+            draw = self._prepare(model, guide, args, kwargs)
+        return self._adversary_update(model, draw, args, kwargs)
+
+    @torch.no_grad()
+    def discriminator_loss(self, model, guide, *args, **kwargs) -> float:
+        r"""
+        The discriminator's logistic loss
+        :math:`-\mathbb{E}_q\log\sigma(T) - \mathbb{E}_{p}\log(1 - \sigma(T))` on a fresh draw,
+        without training it (:math:`2\log 2` for a discriminator that cannot tell the two
+        apart; for the optimal one, :math:`2\log 2 - 2\,\mathrm{JS}`).
+        """
+        draw = self._prepare(model, guide, args, kwargs)
+        return self._adversary_objective(*self._adversary_logits(model, draw, args, kwargs)).item()
+
+    # ---------------------------------------------------------------------------------------
+    # State
+
+    def state_dict(self) -> dict[str, Any]:
+        """The discriminator's and its optimizer's state, and the update count."""
+        if self.discriminator is None:
+            return (
+                dict(self._pending_state)
+                if self._pending_state is not None
+                else {
+                    "discriminator": None,
+                    "adversary_optim": None,
+                    "num_adversary_updates": self.num_adversary_updates,
+                    "adversary_loss": self.adversary_loss,
+                }
+            )
+        return {
+            "discriminator": self.discriminator.state_dict(),
+            "adversary_optim": self.adversary_optim.state_dict(),
+            "num_adversary_updates": self.num_adversary_updates,
+            "adversary_loss": self.adversary_loss,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`. A default discriminator not built yet is loaded when it
+        is built, on first use."""
+        missing = {"discriminator", "adversary_optim", "num_adversary_updates"} - set(state)
+        if missing:
+            raise ValueError(f"Expected an AVB state_dict, missing keys {sorted(missing)}")
+        self.num_adversary_updates = int(state["num_adversary_updates"])
+        self.adversary_loss = float(state.get("adversary_loss", math.nan))
+        if state["discriminator"] is None:
+            return
+        if self.discriminator is None:
+            self._pending_state = dict(state)
+            return
+        self.discriminator.load_state_dict(state["discriminator"])
+        self.adversary_optim.load_state_dict(state["adversary_optim"])
+
+
+class _AdamFactory:
+    """Picklable ``params -> Adam(params, **kwargs)``."""
+
+    def __init__(self, kwargs: dict[str, Any]):
+        self.kwargs = kwargs
+
+    def __call__(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, **self.kwargs)
