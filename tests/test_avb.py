@@ -24,15 +24,6 @@ from pyro_fdiv.models.vae import VAE
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small networks: more threads only add overhead (and the CI machine has two cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # A conjugate model with a Gaussian guide written as an implicit sampler (fixed parameters).
 Y = torch.tensor([0.5, -0.3])
 M = torch.tensor([0.8, -0.4])

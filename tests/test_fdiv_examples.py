@@ -5,19 +5,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import gaussian_fit
 import ring
-
-
-@pytest.fixture(autouse=True)
-def _restore_torch_settings():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_gaussian_fit_smoke(tmp_path):

@@ -16,16 +16,6 @@ from torch import nn
 from pyro_fdiv.inference import AVB, IWAE, AutoImplicit, Implicit, implicit_sample
 from pyro_fdiv.inference.implicit import is_implicit
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small networks: more threads only add overhead (and the CI machine has two cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------
 # implicit_sample / Implicit
 

@@ -10,15 +10,6 @@ from scipy import stats
 from pyro_fdiv.inference import mis
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: intra-op threads only add overhead (and stall on a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_step_accepts_iff_log_uniform_below_log_ratio():
     state = mis.init(torch.zeros(4), torch.tensor([0.0, 0.0, -1.0, 2.0]))
     proposal = mis.MISState(torch.ones(4), torch.tensor([-1.0, 0.5, -1.0, 0.0]))
