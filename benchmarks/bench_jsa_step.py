@@ -6,7 +6,6 @@ Run ``python benchmarks/bench_jsa_step.py --help``; see ``benchmarks/README.md``
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,7 +15,6 @@ import pyro
 import pyro.infer
 import pyro.optim
 import torch
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_vae_step import (
@@ -25,10 +23,10 @@ from bench_vae_step import (
     LR,
     _copy_vae,
     _initial_vae,
+    _time_rounds,
     _validation,
     load_batch,
     machine_description,
-    time_step,
 )
 
 from pyro_fdiv.inference import JSA
@@ -65,19 +63,6 @@ def make_step(model: str, method: str, x: torch.Tensor, seed: int) -> Step:
     return lambda: svi.step(x)
 
 
-def _rounds(steps: dict[str, Step], rounds: int, warmup: int, device, seed: int, desc: str):
-    order = list(steps)
-    rng = random.Random(seed)
-    for _ in range(warmup):
-        for method in order:
-            steps[method]()
-    out = []
-    for _ in tqdm(range(rounds), desc=desc, leave=False):
-        rng.shuffle(order)
-        out.append({method: time_step(steps[method], device) for method in order})
-    return out
-
-
 def summarize(records: pd.DataFrame) -> pd.DataFrame:
     """Per model and method: median and IQR of the step time (ms) and the median over rounds of
     the paired ratio to the ``Trace_ELBO`` step timed in the same round."""
@@ -112,7 +97,7 @@ def run_timing(
     for model in models:
         pyro.clear_param_store()
         steps = {m: make_step(model, m, x, seed) for m in dict.fromkeys((REFERENCE, *methods))}
-        for i, times in enumerate(_rounds(steps, rounds, warmup, x.device, seed, model)):
+        for i, times in enumerate(_time_rounds(steps, rounds, warmup, x.device, seed, model)):
             rows += [
                 {"model": model, "method": m, "round": i, "seconds": t} for m, t in times.items()
             ]

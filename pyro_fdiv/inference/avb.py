@@ -18,7 +18,7 @@ from pyro.infer.util import is_validation_enabled
 from pyro.poutine.indep_messenger import CondIndepStackFrame
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
-from pyro.util import check_model_guide_match, get_rng_state, set_rng_state
+from pyro.util import check_model_guide_match
 from torch import nn
 from torch.func import functional_call
 
@@ -30,7 +30,7 @@ from pyro_fdiv.inference.importance import (
     _shared_plates,
     _site_term,
 )
-from pyro_fdiv.inference.objective import check_num_particles
+from pyro_fdiv.inference.objective import check_integer, check_num_particles, rng_preserved
 
 __all__ = ["AVB", "Discriminator"]
 
@@ -242,15 +242,7 @@ class AVB(ELBO):
             raise ValueError(
                 f"Expected adaptive_contrast to be a bool, actual {adaptive_contrast!r}"
             )
-        if (
-            isinstance(num_adversary_steps, bool)
-            or not isinstance(num_adversary_steps, numbers.Integral)
-            or num_adversary_steps < 0
-        ):
-            raise ValueError(
-                "Expected num_adversary_steps to be an integer >= 0, actual "
-                f"{num_adversary_steps!r}"
-            )
+        check_integer("num_adversary_steps", num_adversary_steps, 0)
         num_particles = check_num_particles(num_particles)
         if adaptive_contrast and num_particles < 2:
             raise ValueError(
@@ -318,9 +310,8 @@ class AVB(ELBO):
 
     def _ensure_max_plate_nesting(self, model, guide, args, kwargs) -> None:
         if self.max_plate_nesting == float("inf"):
-            rng_state = get_rng_state()  # the guess runs the guide: keep the caller's stream
-            self._guess_max_plate_nesting(model, guide, args, kwargs)
-            set_rng_state(rng_state)
+            with rng_preserved():  # the guess runs the guide: keep the caller's stream
+                self._guess_max_plate_nesting(model, guide, args, kwargs)
 
     def _latent_features(
         self, trace: Trace, plates, scale: float, with_jacobian: bool

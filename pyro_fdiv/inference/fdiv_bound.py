@@ -3,7 +3,6 @@ r"""The f-divergence joint upper bound with spread noise (Zhang, Bird, Habib, Xu
 from __future__ import annotations
 
 import copy
-import numbers
 
 import pyro
 import torch
@@ -11,7 +10,6 @@ from pyro import poutine
 from pyro.distributions import Distribution
 from pyro.infer.elbo import ELBO
 from pyro.optim import PyroOptim
-from pyro.util import get_rng_state, set_rng_state
 
 from pyro_fdiv.divergences import Divergence, ForwardKL, ReverseKL, get_divergence
 from pyro_fdiv.inference.generative import (
@@ -23,12 +21,8 @@ from pyro_fdiv.inference.generative import (
     trace_params,
     traced_once,
 )
-from pyro_fdiv.inference.importance import (
-    LogWeights,
-    log_weights_from_traces,
-    raise_non_finite,
-)
-from pyro_fdiv.inference.objective import check_num_particles
+from pyro_fdiv.inference.importance import LogWeights, checked_value, log_weights_from_traces
+from pyro_fdiv.inference.objective import check_integer, check_num_particles, rng_preserved
 from pyro_fdiv.inference.spread import (
     PCAProjection,
     SpreadSchedule,
@@ -169,8 +163,9 @@ class FDivergenceBound(ELBO):
         obs_site: str | None = None,
         max_plate_nesting: float = float("inf"),
     ):
-        super().__init__(num_particles=check_num_particles(num_particles))
-        self.max_plate_nesting = max_plate_nesting
+        super().__init__(
+            num_particles=check_num_particles(num_particles), max_plate_nesting=max_plate_nesting
+        )
         self.divergence = _as_divergence(f)
         self.schedule = _as_schedule(spread)
         self._check_data(data)
@@ -189,11 +184,7 @@ class FDivergenceBound(ELBO):
         self.log_density = log_density
         self.num_pca_samples = int(num_pca_samples)
         self.projection = PCAProjection(data, pca_dim) if log_density == "pca" else None
-        if isinstance(guide_steps, bool) or not isinstance(guide_steps, numbers.Integral):
-            raise ValueError(f"Expected guide_steps to be an integer >= 0, actual {guide_steps!r}")
-        if guide_steps < 0:
-            raise ValueError(f"Expected guide_steps to be an integer >= 0, actual {guide_steps!r}")
-        self.guide_steps = int(guide_steps)
+        self.guide_steps = check_integer("guide_steps", guide_steps, 0)
         if guide_optim is not None and not isinstance(guide_optim, PyroOptim):
             raise ValueError(
                 f"Expected guide_optim to be a pyro.optim optimizer, actual {guide_optim!r}"
@@ -239,14 +230,7 @@ class FDivergenceBound(ELBO):
                 )
             if not isinstance(self.data, torch.Tensor):
                 raise ValueError("log_density='pca' needs a training set tensor as data")
-        if isinstance(num_pca_samples, bool) or not isinstance(num_pca_samples, numbers.Integral):
-            raise ValueError(
-                f"Expected num_pca_samples to be an integer >= 1, actual {num_pca_samples!r}"
-            )
-        if num_pca_samples < 1:
-            raise ValueError(
-                f"Expected num_pca_samples to be an integer >= 1, actual {num_pca_samples!r}"
-            )
+        check_integer("num_pca_samples", num_pca_samples, 1)
 
     @property
     def sigma(self) -> float | None:
@@ -266,9 +250,8 @@ class FDivergenceBound(ELBO):
     # ---------------------------------------------------------------- the bound
     def _setup(self, model, guide, args, kwargs) -> None:
         if self.max_plate_nesting == float("inf"):
-            rng = get_rng_state()
-            self._guess_max_plate_nesting(model, guide, args, kwargs)
-            set_rng_state(rng)
+            with rng_preserved():
+                self._guess_max_plate_nesting(model, guide, args, kwargs)
         if getattr(self, "_obs_name", None) is None:
             x = self.data_arg.get(args, kwargs)
             site = find_observation(traced_once(model, *args, **kwargs), self.obs_site)
@@ -332,7 +315,7 @@ class FDivergenceBound(ELBO):
                 f"sites share plates {[f.name for f in weights.plates]}. Move global latents "
                 "into pyro.param, or use a posterior-inference objective (IWAE, BlackBoxAlpha)."
             )
-        log_p_hat = self.log_data_density(y.reshape(batch, *y.shape[1:]))
+        log_p_hat = self.log_data_density(y)
         if self.sample_from == "model":
             return self.divergence.f(log_p_hat - log_w), weights
         return self.divergence.dual().f(log_w - log_p_hat), weights
@@ -342,10 +325,7 @@ class FDivergenceBound(ELBO):
         return terms.mean(), weights
 
     def _checked(self, bound: torch.Tensor, weights: LogWeights) -> float:
-        value = bound.item()
-        if not torch.isfinite(bound):
-            raise_non_finite(value, type(self).__name__, weights)
-        return value
+        return checked_value(bound, type(self).__name__, weights)
 
     # ---------------------------------------------------------------- Pyro's entry points
     def _get_trace(self, model, guide, args, kwargs):

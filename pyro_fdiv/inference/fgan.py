@@ -3,7 +3,6 @@ r"""The Fenchel-conjugate (f-GAN) lower bound of Nowozin, Cseke and Tomioka."""
 from __future__ import annotations
 
 import copy
-import numbers
 from collections.abc import Callable
 
 import torch
@@ -19,10 +18,11 @@ from pyro_fdiv.inference.generative import (
     ObservationMessenger,
     find_observation,
     reparameterized_or_raise,
+    repeat_batch,
     trace_params,
     traced_once,
 )
-from pyro_fdiv.inference.objective import check_num_particles
+from pyro_fdiv.inference.objective import check_integer, check_num_particles
 
 __all__ = ["FGANBound"]
 
@@ -98,15 +98,7 @@ class FGANBound(ELBO):
         elif not isinstance(critic_optim, torch.optim.Optimizer):
             critic_optim = critic_optim(critic.parameters())
         self.critic_optim = critic_optim
-        if (
-            isinstance(critic_steps, bool)
-            or not isinstance(critic_steps, numbers.Integral)
-            or critic_steps < 1
-        ):
-            raise ValueError(
-                f"Expected critic_steps to be an integer >= 1, actual {critic_steps!r}"
-            )
-        self.critic_steps = int(critic_steps)
+        self.critic_steps = check_integer("critic_steps", critic_steps, 1)
         self.data_arg = DataArgument(data_arg)
         self.obs_site = obs_site
         self._obs_name = None
@@ -120,7 +112,7 @@ class FGANBound(ELBO):
             ]
         if self.data is not None:
             x = self.data.sample(x.shape[: x.dim() - len(self.data.event_shape)]).to(x)
-        batch = x.expand(self.num_particles, *x.shape).reshape(-1, *x.shape[1:])
+        batch = repeat_batch(x, self.num_particles)
         model_args, model_kwargs = self.data_arg.substitute(args, kwargs, batch)
         sampler = ObservationMessenger(self._obs_name, resample=True)
         trace = poutine.trace(sampler(model)).get_trace(*model_args, **model_kwargs)

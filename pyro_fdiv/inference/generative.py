@@ -13,7 +13,8 @@ from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
-from pyro.util import get_rng_state, set_rng_state
+
+from pyro_fdiv.inference.objective import rng_preserved
 
 __all__ = [
     "DataArgument",
@@ -178,9 +179,5 @@ def repeat_batch(x: torch.Tensor, num_particles: int) -> torch.Tensor:
 
 def traced_once(fn: Callable, *args, **kwargs) -> Trace:
     """One trace of ``fn`` that leaves the caller's random stream untouched."""
-    state = get_rng_state()
-    try:
-        with pyro.validation_enabled(False):
-            return poutine.trace(fn).get_trace(*args, **kwargs)
-    finally:
-        set_rng_state(state)
+    with rng_preserved(), pyro.validation_enabled(False):
+        return poutine.trace(fn).get_trace(*args, **kwargs)

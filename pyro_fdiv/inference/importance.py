@@ -22,6 +22,7 @@ from torch.distributions.utils import broadcast_all
 __all__ = [
     "PARTICLE_PLATE",
     "LogWeights",
+    "checked_value",
     "get_log_weights",
     "guide_log_prob_at_detached",
     "log_mean_exp",
@@ -316,6 +317,14 @@ def raise_non_finite(loss: float, objective: str, weights: LogWeights) -> None:
         "parameters (e.g. a scale that reached 0, a value outside the support), lower the "
         "learning rate, or constrain the parameters."
     )
+
+
+def checked_value(loss: torch.Tensor, objective: str, weights: LogWeights) -> float:
+    """``loss.item()``, or :func:`raise_non_finite` if it is not finite."""
+    value = loss.item()
+    if not math.isfinite(value):
+        raise_non_finite(value, objective, weights)
+    return value
 
 
 def log_mean_exp(x: torch.Tensor, dim: int = 0) -> torch.Tensor:

@@ -4,7 +4,6 @@ Metropolis independence chains that use the guide as their proposal."""
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -18,7 +17,7 @@ from pyro.poutine.indep_messenger import CondIndepStackFrame
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
-from pyro.util import check_model_guide_match, get_rng_state, set_rng_state
+from pyro.util import check_model_guide_match
 from torch import nn
 
 from pyro_fdiv.inference import mis
@@ -29,7 +28,7 @@ from pyro_fdiv.inference.importance import (
     raise_non_finite,
     site_log_prob,
 )
-from pyro_fdiv.inference.objective import check_num_particles
+from pyro_fdiv.inference.objective import check_integer, check_num_particles, rng_preserved
 
 __all__ = ["JSA"]
 
@@ -37,12 +36,6 @@ LOCAL, GLOBAL = "local", "global"
 _BLOCKS = (LOCAL, GLOBAL)
 #: Decay of the running average of the acceptance rate (about the last 100 steps).
 ACCEPTANCE_DECAY = 0.99
-
-
-def _check_count(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"Expected {name} to be an integer >= {minimum}, actual {value!r}")
-    return int(value)
 
 
 def _is_delta(fn: Any) -> bool:
@@ -353,10 +346,10 @@ class JSA(ELBO, nn.Module):
         validation: str = "first",
     ) -> None:
         if num_data is not None:
-            num_data = _check_count("num_data", num_data, 1)
-        num_moves = _check_count("num_moves", num_moves, 1)
+            num_data = check_integer("num_data", num_data, 1)
+        num_moves = check_integer("num_moves", num_moves, 1)
         num_particles = check_num_particles(num_particles)
-        warmup_without_cache = _check_count("warmup_without_cache", warmup_without_cache, 0)
+        warmup_without_cache = check_integer("warmup_without_cache", warmup_without_cache, 0)
         if data_plate is not None and (num_data is None or not isinstance(data_plate, str)):
             raise ValueError(
                 f"Expected data_plate to be a plate name together with num_data, actual "
@@ -493,7 +486,7 @@ class JSA(ELBO, nn.Module):
         the first ``burn_in`` dropped. For a model without a data plate this is a posterior
         sampler's output (autocorrelated; the proposal adapts while the guide trains).
         """
-        burn_in = _check_count("burn_in", burn_in, 0)
+        burn_in = check_integer("burn_in", burn_in, 0)
         if not self._history:
             return {}
         return {
@@ -575,15 +568,11 @@ class JSA(ELBO, nn.Module):
 
     def _discover(self, model, guide, args, kwargs) -> dict:
         """Run model and guide once (random state restored) to find the plates and blocks."""
-        rng_state = get_rng_state()
-        try:
-            with poutine.block():
-                guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-                model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-                    *args, **kwargs
-                )
-        finally:
-            set_rng_state(rng_state)
+        with rng_preserved(), poutine.block():
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+                *args, **kwargs
+            )
         sites = [s for t in (model_trace, guide_trace) for s in _sample_sites(t).values()]
         if self.max_plate_nesting == float("inf"):
             dims = [f.dim for s in sites for f in _vectorized_frames(s)]

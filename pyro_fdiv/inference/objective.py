@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
+import contextlib
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pyro
 import torch
@@ -14,23 +14,42 @@ from pyro.util import get_rng_state, set_rng_state
 
 from pyro_fdiv.inference.importance import (
     LogWeights,
+    checked_value,
     get_log_weights,
-    raise_non_finite,
     trace_signature,
 )
 
-__all__ = ["ImportanceObjective", "check_num_particles", "score_function_surrogate"]
+__all__ = [
+    "ImportanceObjective",
+    "check_integer",
+    "check_num_particles",
+    "rng_preserved",
+    "score_function_surrogate",
+]
+
+
+def check_integer(name: str, value: object, minimum: int) -> int:
+    """Validate a count argument ``name``: an integer (not a bool) ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"Expected {name} to be an integer >= {minimum}, actual {value!r}")
+    return int(value)
 
 
 def check_num_particles(num_particles: object) -> int:
     """Validate ``num_particles``: a positive integer."""
-    if (
-        isinstance(num_particles, bool)
-        or not isinstance(num_particles, numbers.Integral)
-        or num_particles < 1
-    ):
-        raise ValueError(f"Expected num_particles to be an integer >= 1, actual {num_particles!r}")
-    return int(num_particles)
+    return check_integer("num_particles", num_particles, 1)
+
+
+@contextlib.contextmanager
+def rng_preserved() -> Iterator[None]:
+    """Restore Pyro's random state (torch, numpy, random) after the block, so that running model
+    and guide to inspect them (e.g. to guess ``max_plate_nesting``) leaves the caller's random
+    stream untouched."""
+    state = get_rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
 
 
 def score_function_surrogate(
@@ -128,10 +147,8 @@ class ImportanceObjective(ELBO):
 
     def _log_weights(self, model, guide, args, kwargs) -> LogWeights:
         if self.max_plate_nesting == float("inf"):
-            # the guess runs model and guide once: keep the caller's random stream untouched
-            rng_state = get_rng_state()
-            self._guess_max_plate_nesting(model, guide, args, kwargs)
-            set_rng_state(rng_state)
+            with rng_preserved():  # the guess runs model and guide once
+                self._guess_max_plate_nesting(model, guide, args, kwargs)
         run = (model, guide, args, kwargs, self.num_particles, self.max_plate_nesting)
         if self.validation == "always" or not is_validation_enabled():
             return get_log_weights(*run)
@@ -159,10 +176,7 @@ class ImportanceObjective(ELBO):
         return surrogate
 
     def _checked(self, loss: torch.Tensor, weights: LogWeights) -> float:
-        value = loss.item()
-        if not math.isfinite(value):
-            raise_non_finite(value, type(self).__name__, weights)
-        return value
+        return checked_value(loss, type(self).__name__, weights)
 
     @torch.no_grad()
     def loss(self, model, guide, *args, **kwargs) -> float:

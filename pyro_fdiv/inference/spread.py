@@ -7,6 +7,8 @@ import numbers
 
 import torch
 
+from pyro_fdiv.inference.objective import check_integer
+
 __all__ = [
     "PCAProjection",
     "SpreadSchedule",
@@ -43,11 +45,8 @@ class SpreadSchedule:
                 raise ValueError(f"Expected spread {name} to be a float > 0, actual {value!r}")
             if not math.isfinite(value):
                 raise ValueError(f"Expected spread {name} to be finite, actual {value!r}")
-        if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
-            raise ValueError(f"Expected num_steps to be an integer >= 1, actual {num_steps!r}")
-        if num_steps < 1:
-            raise ValueError(f"Expected num_steps to be an integer >= 1, actual {num_steps!r}")
-        self.start, self.end, self.num_steps = float(start), float(end), int(num_steps)
+        self.num_steps = check_integer("num_steps", num_steps, 1)
+        self.start, self.end = float(start), float(end)
         self.t = 0
 
     @property
@@ -163,12 +162,11 @@ class PCAProjection:
     """
 
     def __init__(self, data: torch.Tensor, dim: int = 50):
-        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
-            raise ValueError(f"Expected pca_dim to be an integer >= 1, actual {dim!r}")
+        dim = check_integer("pca_dim", dim, 1)
         flat = data.reshape(data.shape[0], -1)
         self.mean = flat.mean(0)
         centered = flat - self.mean
-        dim = min(int(dim), *centered.shape)
+        dim = min(dim, *centered.shape)
         _, _, vh = torch.linalg.svd(centered, full_matrices=False)
         self.basis = vh[:dim].T.contiguous()
         self.projected = centered @ self.basis
@@ -179,9 +177,6 @@ class PCAProjection:
     def residual(self, flat: torch.Tensor) -> torch.Tensor:
         centered = flat - self.mean
         return centered - (centered @ self.basis) @ self.basis.T
-
-    def state_dict(self) -> dict:
-        return {"mean": self.mean, "basis": self.basis, "projected": self.projected}
 
 
 def _sample_neighbours(
