@@ -138,6 +138,65 @@ def _run_eight_schools(args: argparse.Namespace, parser: argparse.ArgumentParser
     )
 
 
+def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from pyro_fdiv.train import TrainConfig, train
+
+    options = {
+        k: getattr(args, k)
+        for k in (
+            "dataset", "objective", "num_particles", "alpha", "gradient_estimator", "f",
+            "architecture", "epochs", "batch_size", "lr", "seed", "num_train", "num_test",
+            "eval_samples", "device",
+        )
+    }  # fmt: skip
+    try:
+        config = TrainConfig(
+            **options, spread=tuple(args.spread), data_root=args.data, out=str(args.out)
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log = train(config, resume=args.resume)
+    print(log.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"written: {args.out / 'log.csv'}, checkpoint.pt, samples.png, reconstructions.png")
+
+
+def _add_train_parser(sub) -> argparse.ArgumentParser:
+    from pyro_fdiv.models.vae import ARCHITECTURES
+    from pyro_fdiv.train import DATASETS, OBJECTIVES
+
+    t = sub.add_parser("train", help="train a VAE on digits/characters with any objective")
+    t.add_argument("--dataset", choices=DATASETS, default="binarized-mnist")
+    t.add_argument("--objective", choices=OBJECTIVES, default="elbo")
+    t.add_argument("--num-particles", "-k", type=_positive_int, default=1)
+    t.add_argument("--alpha", type=float, default=0.5, help="BB-α's alpha")
+    t.add_argument("--gradient-estimator", choices=("reparam", "stl", "dreg"), default="reparam")
+    t.add_argument("--f", default="reverse_kl", help="fdiv's f-divergence")
+    t.add_argument(
+        "--spread",
+        type=float,
+        nargs=3,
+        default=(0.5, 0.1, 5),
+        metavar=("START", "END", "EPOCHS"),
+        help="fdiv's spread width, annealed from START to END over EPOCHS",
+    )
+    t.add_argument("--architecture", choices=sorted(ARCHITECTURES), default="iwae")
+    t.add_argument("--epochs", type=_positive_int, default=10)
+    t.add_argument("--batch-size", type=_positive_int, default=100)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--data", help="data directory (default: $PYRO_FDIV_DATA)")
+    t.add_argument("--num-train", type=_positive_int, help="use the first N training images")
+    t.add_argument("--num-test", type=_positive_int, default=1000, help="test images per epoch")
+    t.add_argument("--eval-samples", type=_positive_int, default=500, help="IS samples per image")
+    t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    t.add_argument("--threads", type=_positive_int, help="torch intra-op threads")
+    t.add_argument("--out", type=_writable_dir, default=Path("train_out"))
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    return t
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = _Parser(prog="pyro-fdiv", description="pyro_fdiv's jobs")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -165,9 +224,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     e.add_argument("--quick", action="store_true", help="300 steps, 2,000 draws: a smoke run")
 
+    t = _add_train_parser(sub)
+
     args = parser.parse_args(argv)
     if args.command == "demo":
         _run_demo(args)
+    elif args.command == "train":
+        _run_train(args, t)
     else:
         _run_eight_schools(args, e)
 

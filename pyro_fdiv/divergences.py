@@ -136,6 +136,15 @@ def _piecewise(x: Tensor, breaks: list[float], fns: list[Callable]) -> Tensor:
     return out
 
 
+def _limit_at(x: Tensor, at: float, limit: float, fn: Callable) -> Tensor:
+    """``fn(x)``, and its limit ``limit`` where ``x`` equals ``at`` (``-inf`` or ``inf``), where
+    ``fn`` would form ``0 · inf``. ``fn`` sees 0 there instead, so neither the value nor the
+    gradient is NaN (the gradient there is 0, the limit of a derivative that vanishes with a
+    bounded function)."""
+    edge = x == at
+    return torch.where(edge, limit, fn(torch.where(edge, 0.0, x)))
+
+
 def _restrict(t: Tensor, inside: Tensor, fn: Callable, safe: float = 0.0) -> Tensor:
     """``fn(t)`` where ``inside``, ``+inf`` elsewhere; ``fn`` only sees points inside."""
     return torch.where(inside, fn(torch.where(inside, t, safe)), math.inf)
@@ -200,7 +209,10 @@ def _u_softplus_neg(x: Tensor) -> Tensor:
         y = torch.exp(-x)
         return 1 - y * (1 / 2 - y * (1 / 3 - y / 4))
 
-    return _piecewise(x, [10.0], [lambda x: torch.exp(x) * _softplus(-x), series])
+    def product(x: Tensor) -> Tensor:  # 0 at u = 0 (x = -inf), not 0 * inf
+        return _limit_at(x, -math.inf, 0.0, lambda x: torch.exp(x) * _softplus(-x))
+
+    return _piecewise(x, [10.0], [product, series])
 
 
 def _gan_f(x: Tensor) -> Tensor:
@@ -352,13 +364,14 @@ class ForwardKL(Divergence):
 
         f(u) = u \log u, \quad f'(u) = 1 + \log u, \quad f^*(t) = e^{t - 1}, \quad g_f(v) = v.
 
-    Not symmetric; the dual is :class:`ReverseKL`. ``x * exp(x)`` tends to 0 as :math:`u \to 0`.
+    Not symmetric; the dual is :class:`ReverseKL`. ``x * exp(x)`` tends to 0 as :math:`u \to 0`,
+    and is 0 (with gradient 0) at ``x = -inf``.
     """
 
     name = "forward_kl"
 
     def _f(self, x: Tensor) -> Tensor:
-        return x * torch.exp(x)
+        return _limit_at(x, -math.inf, 0.0, lambda x: x * torch.exp(x))
 
     def _f_prime(self, x: Tensor) -> Tensor:
         return 1 + x
@@ -415,8 +428,9 @@ class GAN(Divergence):
         f^*(t) = -\log(1 - e^t) \ (t < 0), \quad g_f(v) = -\mathrm{softplus}(-v).
 
     Note :math:`f(1) = -\log 4 \ne 0`. Symmetric (self-dual). Computed as
-    :math:`-u\,\mathrm{softplus}(-x) - \mathrm{softplus}(x)`: finite for every ``x`` (linear
-    growth), with :math:`u\,\mathrm{softplus}(-x) \in [0, 1)` from its series for large ``x``.
+    :math:`-u\,\mathrm{softplus}(-x) - \mathrm{softplus}(x)`: finite for every finite ``x``
+    (linear growth), with :math:`u\,\mathrm{softplus}(-x) \in [0, 1)` from its series for large
+    ``x``; its limits :math:`f(0) = 0` and :math:`-\infty` at ``x = -inf, inf``.
     :math:`g_f(v) = f'(e^v)`, so the optimal critic is :math:`V = \log(p/q)`.
     """
 
@@ -458,14 +472,22 @@ class JensenShannon(Divergence):
     :math:`f^*(t) = \tfrac12 f^*_{[3]}(2t)`. Symmetric (self-dual). Computed as
     :math:`\tfrac12[f_{\mathrm{GAN}}(u) + (1 + u)\log 2]` with
     :math:`\tfrac12 u \log 2 = e^{x + \log(\log(2)/2)}`, so it overflows only where the exact
-    value does; absolute error ``O(eps)`` near :math:`u = 1`. :math:`g_f(v) = f'(e^v)`.
+    value does; absolute error ``O(eps)`` near :math:`u = 1`. Where
+    :math:`\tfrac12 u \log 2` exceeds the rest, :math:`\tfrac12(\log 2 - 1 - x)`, by a factor
+    of :math:`1/\epsilon` the rest is dropped, so ``x = inf`` gives ``inf``, not ``inf - inf``;
+    ``x = -inf`` gives the limit :math:`f(0) = \tfrac12 \log 2`. :math:`g_f(v) = f'(e^v)`.
     """
 
     name = "jensen_shannon"
     symmetric = True
 
     def _f(self, x: Tensor) -> Tensor:
-        return torch.exp(x + math.log(_LOG2 / 2)) + (_LOG2 + _gan_f(x)) / 2
+        def full(x: Tensor) -> Tensor:
+            return torch.exp(x + math.log(_LOG2 / 2)) + (_LOG2 + _gan_f(x)) / 2
+
+        s = _saturation(x) + 1.0  # -log(eps)
+        tail = s + 2 * math.log(s)  # (x + 1) / (u log 2) < eps / 2 beyond
+        return _piecewise(x, [tail], [full, lambda x: torch.exp(x + math.log(_LOG2 / 2))])
 
     def _f_prime(self, x: Tensor) -> Tensor:
         return (_LOG2 - _softplus(-x)) / 2
@@ -645,7 +667,9 @@ class Jeffreys(Divergence):
     symmetric = True
 
     def _f(self, x: Tensor) -> Tensor:
-        return x * torch.expm1(x)
+        # below log(eps) - 1, x e^x is below eps / e of -x: f = -x, also at x = -inf
+        # (where x * expm1(x) has the gradient expm1(x) + x e^x = -1 + (-inf * 0))
+        return _piecewise(x, [-_saturation(x) - 2.0], [torch.neg, lambda x: x * torch.expm1(x)])
 
     def _f_prime(self, x: Tensor) -> Tensor:
         return x - torch.expm1(-x)
@@ -723,6 +747,9 @@ class AmariAlpha(Divergence):
                 s / (1 - a) if a >= 0.5 else (s + math.log(2 + 2 / abs(a))) / (1 - max(a, 0))
             )
             fns.append(lambda x: torch.exp(x - math.log1p(-a)))
+        elif a == 0:  # u - 1 - x: u dominates by 1 / eps beyond (and x = inf is not inf - inf)
+            breaks.append(s + 1 + 2 * math.log(s + 1))
+            fns.append(torch.exp)
         return _piecewise(x, breaks, fns)
 
     def _f_lower(self, x: Tensor) -> Tensor:
@@ -735,7 +762,11 @@ class AmariAlpha(Divergence):
         a = self.alpha
         if a < 1:
             return (torch.exp(a * x) * _expm1_over(1 - a, x) - torch.expm1(x)) / a
-        return (torch.exp(x) * _expm1_over(a - 1, x) - torch.expm1(x)) / a
+
+        def product(x: Tensor) -> Tensor:  # 0 at x = -inf (for α = 1, x e^x: not -inf * 0)
+            return torch.exp(x) * _expm1_over(a - 1, x)
+
+        return (_limit_at(x, -math.inf, 0.0, product) - torch.expm1(x)) / a
 
     def _f_upper_above(self, x: Tensor) -> Tensor:
         """The same, as ``u [E_{α-1}(x) + expm1(-x)] / α`` for x >= 0, with ``expm1(-x)`` frozen

@@ -1,5 +1,6 @@
 """The f-divergence joint upper bound and the f-GAN lower bound against exact answers."""
 
+import contextlib
 import io
 import math
 
@@ -450,6 +451,119 @@ def test_keyword_data_argument():
     assert a == b and math.isfinite(a)
 
 
+@pytest.mark.parametrize("f", ["reverse_kl", "forward_kl"])  # model side, data side
+@pytest.mark.parametrize("training_set", [False, True])
+def test_a_plate_nested_in_the_data_plate_is_part_of_the_row(f, training_set):
+    # rows of shape (3, 2): an inner plate of 3 around the latent and the observation gives the
+    # same bound as declaring the whole row an event (the inner plate is summed per row)
+    decoder = nn.Linear(2, 2).double()
+    encoder = nn.Linear(2, 2).double()
+
+    def make(nested: bool):
+        def rows():
+            return pyro.plate("inner", 3, dim=-1) if nested else contextlib.nullcontext()
+
+        event = 1 if nested else 2
+
+        def model(x):
+            pyro.module("decoder", decoder)
+            with pyro.plate("data", len(x), dim=-2 if nested else -1), rows():
+                z = pyro.sample("z", dist.Normal(torch.zeros_like(x[0]), 1.0).to_event(event))
+                pyro.sample("x", dist.Normal(decoder(z), 1.0).to_event(event), obs=x)
+
+        def guide(x):
+            pyro.module("encoder", encoder)
+            with pyro.plate("data", len(x), dim=-2 if nested else -1), rows():
+                pyro.sample("z", dist.Normal(encoder(x), 0.8).to_event(event))
+
+        return model, guide
+
+    data = torch.randn(10, 3, 2)
+    target = dist.Normal(torch.zeros(3, 2), 1.5).to_event(2)
+    kwargs = {"data": data, "spread": 0.7} if training_set else {"data": target}
+    values, grads = [], []
+    for nested in (True, False):
+        model, guide = make(nested)
+        objective = FDivergenceBound(f, num_particles=3, **kwargs)
+        pyro.set_rng_seed(4)
+        loss = objective.differentiable_loss(model, guide, data[:4])
+        values.append(loss.item())
+        grads.append(torch.autograd.grad(loss, [decoder.weight, encoder.weight]))
+    assert values[0] == pytest.approx(values[1], rel=1e-12)
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-10)
+
+
+def test_structure_errors_name_the_sites_and_the_users_batch():
+    target = dist.Normal(torch.zeros(2), 1.5).to_event(1)
+    batch = torch.randn(4, 2)
+
+    def model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+    def per_point_guide(x):  # a fitted posterior of this batch, not an encoder
+        loc = pyro.param("loc", torch.zeros(4, 2))
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(loc, 1.0).to_event(1))
+
+    objective = FDivergenceBound("forward_kl", data=target, num_particles=3)
+    match = (
+        r"(?s)num_particles=3 stacked copies of the batch \(4 rows -> 12\).*site z.*amortized.*"
+        r"posterior-inference objective \(IWAE, BlackBoxAlpha\)"
+    )
+    with pytest.raises(ValueError, match=match):
+        objective.loss(model, per_point_guide, batch)
+
+    def fixed_model(x):  # a data plate of a fixed size: num_particles would be ignored
+        with pyro.plate("data", 4):
+            z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(x / 2, 1.0).to_event(1))
+
+    objective = FDivergenceBound("reverse_kl", data=target, num_particles=3)
+    with pytest.raises(ValueError, match=r"\(4 rows -> 12\).*drew shape \(4, 2\).*len\(x\)"):
+        objective.loss(fixed_model, guide, batch)
+
+    def unplated_model(x):  # the batch is one event: no term per row
+        z = pyro.sample("z", dist.Normal(torch.zeros_like(x), 1.0).to_event(2))
+        pyro.sample("x", dist.Normal(z, 1.0).to_event(2), obs=x)
+
+    def unplated_guide(x):
+        pyro.sample("z", dist.Normal(x / 2, 1.0).to_event(2))
+
+    with pytest.raises(ValueError, match=r"observation 'x' inside a data plate over the batch"):
+        FDivergenceBound("reverse_kl", data=target).loss(unplated_model, unplated_guide, batch)
+
+
+def test_a_subsampled_plate_is_refused_before_the_model_indexes_the_batch():
+    def model(x, idx):
+        with pyro.plate("data", 100, subsample=idx):
+            z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x[idx])  # an IndexError
+
+    def guide(x, idx):
+        with pyro.plate("data", 100, subsample=idx):
+            pyro.sample("z", dist.Normal(x[idx] / 2, 1.0).to_event(1))
+
+    objective = FDivergenceBound("reverse_kl", data=torch.randn(100, 2), spread=0.5)
+    with pytest.raises(ValueError, match=r"plate 'data' is subsampled \(subsample= gives 3 of"):
+        objective.loss(model, guide, torch.randn(3, 2), torch.tensor([5, 50, 99]))
+
+
+def test_parametrized_divergence_names_need_an_instance():
+    with pytest.raises(ValueError, match=r"'amari_alpha' needs parameters.*alpha=0\.5"):
+        FDivergenceBound("amari_alpha", data=TARGET)
+    with pytest.raises(ValueError, match=r"'amari_alpha' needs parameters"):
+        FGANBound("amari_alpha", critic=_critic())
+    objective = FDivergenceBound(get_divergence("amari_alpha", alpha=0.5), data=TARGET)
+    assert objective.divergence.alpha == 0.5
+
+
 # ---------------------------------------------------------------- f-GAN lower bound
 class OptimalCritic(nn.Module):
     """V with g_f(V) = f'(p/q): the exact log ratio pushed through the inverse activation."""
@@ -561,3 +675,19 @@ def test_fgan_bad_input():
     objective = FGANBound("js", critic=Wide(), data=TARGET)
     with pytest.raises(ValueError, match=r"critic to map a batch of shape \(8,\)"):
         objective.loss(joint().model, None, torch.zeros(8))
+
+
+def test_fgan_takes_no_guide():
+    net = joint()
+    objective = FGANBound("js", critic=_critic(), data=TARGET)
+    for empty in (None, lambda x: None):
+        assert math.isfinite(objective.loss_and_grads(net.model, empty, torch.zeros(16)))
+
+    def guide_with_a_param(x):
+        pyro.param("unused", torch.zeros(()))
+
+    for method in ("loss", "loss_and_grads", "differentiable_loss"):
+        with pytest.raises(ValueError, match=r"(?s)trains the model only.*\['unused'\].*"):
+            getattr(objective, method)(net.model, guide_with_a_param, torch.zeros(16))
+    with pytest.raises(ValueError, match=r"sample sites \['z'\].*Use FDivergenceBound"):
+        objective.loss(net.model, net.guide, torch.zeros(16))

@@ -91,7 +91,8 @@ def test_subsampling_outside_a_shared_plate_raises():
         with pyro.plate("data", len(x), subsample_size=2):
             pass
 
-    with pytest.raises(ValueError, match=r"plate 'data' is subsampled .* \['mu', 'mu'\]"):
+    match = r"plate 'data' is subsampled .* \[model site 'mu', guide site 'mu'\] are outside"
+    with pytest.raises(ValueError, match=match):
         IWAE(num_particles=2).loss(model, guide, torch.randn(5))
 
 

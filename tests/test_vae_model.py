@@ -82,7 +82,7 @@ def test_param_store_names():
     for name in ("vae", "other"):
         vae = _vae(name)
         _traces(vae, x)
-        assert {f"{name}_encoder$$$fc_hidden.weight", f"{name}_decoder$$$fc_logits.bias"} <= set(
+        assert {f"{name}_encoder$$$hidden.0.weight", f"{name}_decoder$$$fc_logits.bias"} <= set(
             pyro.get_param_store().keys()
         )
     assert len(pyro.get_param_store()) == 2 * len(list(vae.parameters()))

@@ -29,6 +29,8 @@ from pyro_fdiv.inference.importance import (
     _sample_sites,
     _shared_plates,
     _site_term,
+    check_flag,
+    checked_value,
 )
 from pyro_fdiv.inference.objective import check_integer, check_num_particles, rng_preserved
 
@@ -111,6 +113,12 @@ def _flatten(
     rest = [i for i in range(1, nb) if i not in keep]
     v = v.permute(0, *keep, *rest, nb)
     return v.reshape(num_particles, *(frame.size for frame in plates), -1)
+
+
+def _describe(fn: Any) -> str:
+    """``Independent(Bernoulli)`` for a distribution wrapped in ``.to_event``."""
+    base = getattr(fn, "base_dist", None)
+    return type(fn).__name__ + (f"({_describe(base)})" if base is not None else "")
 
 
 def _is_latent(site: dict) -> bool:
@@ -212,6 +220,12 @@ class AVB(ELBO):
     :param discriminator_hidden: hidden widths of the default discriminator.
     :param max_plate_nesting: as for :class:`~pyro.infer.elbo.ELBO`; guessed if omitted.
     :param retain_graph: passed to ``backward`` in :meth:`loss_and_grads`.
+    :param bool check_finite: when ``True`` (default), :meth:`loss`, :meth:`loss_and_grads` and
+        :meth:`differentiable_loss` raise a ``ValueError`` naming the model sites whose
+        log-densities are not finite whenever the loss is not finite (the guide has no density
+        to check), and a discriminator update raises when the discriminator's loss is not
+        finite; ``False`` skips these checks (no device synchronization in
+        :meth:`differentiable_loss`).
 
     **References**
 
@@ -232,7 +246,9 @@ class AVB(ELBO):
         discriminator_hidden: Sequence[int] = (256, 256),
         max_plate_nesting: float = float("inf"),
         retain_graph: bool | None = None,
+        check_finite: bool = True,
     ):
+        self.check_finite = check_flag("check_finite", check_finite)
         if discriminator is not None and not isinstance(discriminator, nn.Module):
             raise ValueError(
                 "Expected discriminator to be a torch.nn.Module or None, actual "
@@ -323,6 +339,14 @@ class AVB(ELBO):
             if not _is_latent(site):
                 continue
             fn, value = site["fn"], site["value"]
+            if fn.support.is_discrete:
+                raise ValueError(
+                    f"AVB cannot handle discrete sample site '{name}' ({_describe(fn)}): it "
+                    "compares latents in the unconstrained coordinates of their supports, which "
+                    "discrete supports lack, and enumerating the site does not apply to AVB "
+                    "either. Use JSA, IWAE or BlackBoxAlpha (score-function gradients) for "
+                    "discrete latents."
+                )
             with helpful_support_errors(site):
                 transform = biject_to(fn.support)
             zeta = transform.inv(value)
@@ -481,7 +505,7 @@ class AVB(ELBO):
         t_q, t_p = self._adversary_logits(model, draw, args, kwargs)
         loss = self._adversary_objective(t_q, t_p)
         value = loss.item()
-        if not math.isfinite(value):
+        if self.check_finite and not math.isfinite(value):
             raise ValueError(
                 f"AVB discriminator loss is {value}: its logits are not finite. Lower the "
                 "adversary learning rate (adversary_optim) or check the latent values."
@@ -508,19 +532,13 @@ class AVB(ELBO):
         return draw.model_trace, draw.guide_trace
 
     def _checked(self, loss: torch.Tensor, draw: _Draw) -> float:
-        value = loss.item()
-        if math.isfinite(value):
-            return value
-        bad = []
-        for name, site in _sample_sites(draw.model_trace).items():
-            with torch.no_grad():
-                log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
-            if not torch.isfinite(log_p).all():
-                bad.append(f"model site '{name}' ({int((~torch.isfinite(log_p)).sum())} entries)")
-        where = "; ".join(bad) if bad else "no model site: the discriminator output or log r"
-        raise ValueError(
-            f"AVB loss is {value}. Non-finite log-densities at: {where}. Check the sites' "
-            "parameters, lower the learning rates, or constrain the parameters."
+        # the guide's sites may be implicit (no density): only the model's are scored
+        return checked_value(
+            loss,
+            "AVB",
+            traces={"model": draw.model_trace},
+            check_finite=self.check_finite,
+            otherwise="no model site: the discriminator output or log r",
         )
 
     @torch.no_grad()
@@ -538,9 +556,14 @@ class AVB(ELBO):
         :returns: a scalar tensor equal to :meth:`loss` whose gradient is AVB's estimator for
             the model's and guide's parameters (none reaches the discriminator). Takes no
             adversary step: call :meth:`adversary_step` for that.
+        :raises ValueError: naming the model sites involved if the loss is not finite (with
+            ``check_finite``).
         """
         draw = self._prepare(model, guide, args, kwargs)
-        return -self._elbo(draw).mean(0).sum() * draw.scale
+        loss = -self._elbo(draw).mean(0).sum() * draw.scale
+        if self.check_finite:
+            self._checked(loss.detach(), draw)
+        return loss
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         """
@@ -548,7 +571,8 @@ class AVB(ELBO):
         ``num_adversary_steps`` discriminator steps (the first on the same guide draw).
 
         :returns: :meth:`loss`, evaluated before the discriminator steps.
-        :raises ValueError: naming the sites involved if the loss is not finite.
+        :raises ValueError: naming the sites involved if the loss is not finite (with
+            ``check_finite``).
         """
         draw = self._prepare(model, guide, args, kwargs)
         loss = -self._elbo(draw).mean(0).sum() * draw.scale

@@ -63,8 +63,12 @@ class BlackBoxAlpha(ImportanceObjective):
 
     :param float alpha: the order :math:`\alpha`, any finite real number.
     :param int num_particles: number of importance samples :math:`K` per data point.
-    :param elbo_kwargs: ``max_plate_nesting``, ``retain_graph``, ... as for
-        :class:`~pyro.infer.elbo.ELBO`.
+    :param bool check_finite: when ``True`` (default), :meth:`loss`, :meth:`loss_and_grads` and
+        :meth:`differentiable_loss` raise a ``ValueError`` naming the model and guide sites whose
+        log-densities are not finite whenever the loss is not finite; ``False`` skips the check
+        (no device synchronization in :meth:`differentiable_loss`).
+    :param elbo_kwargs: ``max_plate_nesting``, ``retain_graph``, ``validation``, ... as for
+        :class:`~pyro_fdiv.inference.ImportanceObjective`.
 
     **References**
 
@@ -77,7 +81,9 @@ class BlackBoxAlpha(ImportanceObjective):
     [3] Y. Li, R. E. Turner. *Rényi Divergence Variational Inference*. NeurIPS 2016.
     """
 
-    def __init__(self, alpha: float, num_particles: int = 1, **elbo_kwargs):
+    def __init__(
+        self, alpha: float, num_particles: int = 1, *, check_finite: bool = True, **elbo_kwargs
+    ):
         if (
             isinstance(alpha, bool)
             or not isinstance(alpha, numbers.Real)
@@ -85,7 +91,7 @@ class BlackBoxAlpha(ImportanceObjective):
         ):
             raise ValueError(f"Expected alpha to be a finite real number, actual {alpha!r}")
         self.alpha = float(alpha)
-        super().__init__(num_particles=num_particles, **elbo_kwargs)
+        super().__init__(num_particles=num_particles, check_finite=check_finite, **elbo_kwargs)
 
     def bound(self, log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:
         r""":math:`-E_\alpha = \frac{1}{\alpha}\log\frac{1}{K}\sum_k w_k^\alpha` along ``dim``."""

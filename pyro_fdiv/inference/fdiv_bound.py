@@ -3,6 +3,7 @@ r"""The f-divergence joint upper bound with spread noise (Zhang, Bird, Habib, Xu
 from __future__ import annotations
 
 import copy
+from typing import NamedTuple
 
 import pyro
 import torch
@@ -10,6 +11,9 @@ from pyro import poutine
 from pyro.distributions import Distribution
 from pyro.infer.elbo import ELBO
 from pyro.optim import PyroOptim
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import site_is_subsample
 
 from pyro_fdiv.divergences import Divergence, ForwardKL, ReverseKL, get_divergence
 from pyro_fdiv.inference.generative import (
@@ -21,7 +25,12 @@ from pyro_fdiv.inference.generative import (
     trace_params,
     traced_once,
 )
-from pyro_fdiv.inference.importance import LogWeights, checked_value, log_weights_from_traces
+from pyro_fdiv.inference.importance import (
+    LogWeights,
+    check_flag,
+    checked_value,
+    log_weights_from_traces,
+)
 from pyro_fdiv.inference.objective import check_integer, check_num_particles, rng_preserved
 from pyro_fdiv.inference.spread import (
     PCAProjection,
@@ -37,8 +46,49 @@ def _as_divergence(f: str | Divergence) -> Divergence:
     if isinstance(f, Divergence):
         return f
     if isinstance(f, str):
-        return get_divergence(f)
+        try:
+            return get_divergence(f)
+        except TypeError as err:  # a family that needs its parameters, e.g. Amari's alpha
+            raise ValueError(
+                f"Divergence {f!r} needs parameters ({err}): pass an instance as f, e.g. "
+                f"f=get_divergence({f!r}, alpha=0.5) for the order alpha of 'amari_alpha'"
+            ) from err
     raise ValueError(f"Expected f to be a divergence name or a Divergence, actual {f!r}")
+
+
+class _NoSubsampling(Messenger):
+    r"""Raises at a plate that subsamples: the batch is the sample of :math:`\hat p`. Applied
+    innermost, so it sees ``subsample=`` before any replay and before the model body runs
+    (which would index the batch with the subsample)."""
+
+    def __init__(self, objective: str, data_arg: DataArgument):
+        super().__init__()
+        self.objective, self.data_arg = objective, data_arg
+
+    def _pyro_sample(self, msg: dict) -> None:
+        if not site_is_subsample(msg):
+            return
+        fn, indices = msg["fn"], msg["value"]
+        if indices is not None:
+            how = f"subsample= gives {len(indices)} of its {fn.size} indices"
+        elif fn.subsample_size is not None and fn.subsample_size < fn.size:
+            how = f"subsample_size={fn.subsample_size} of {fn.size}"
+        else:
+            return
+        raise ValueError(
+            f"{self.objective}: plate '{msg['name']}' is subsampled ({how}). The batch is the "
+            "sample of p_hat: pass the minibatch itself as the data argument "
+            f"({self.data_arg.describe()}) and declare the plate without subsample or "
+            f"subsample_size, e.g. pyro.plate('{msg['name']}', len(x)) (each call stacks "
+            "num_particles copies of the batch and replaces it)."
+        )
+
+
+class _Draw(NamedTuple):
+    """One evaluation of the bound: the log weights and the data density at the samples."""
+
+    weights: LogWeights
+    log_data_density: torch.Tensor
 
 
 def _as_schedule(spread: float | SpreadSchedule | None) -> SpreadSchedule | None:
@@ -86,11 +136,14 @@ class FDivergenceBound(ELBO):
 
     **The data argument.** The model and guide take the batch as one argument: the first
     positional one by default, or ``data_arg`` (an index or a keyword name). Every latent
-    site and the observation must sit in one data plate sized by that batch (no
-    ``subsample_size``: the bound is an expectation, and the batch *is* the sample of
-    :math:`\hat p`). Each call stacks ``num_particles`` copies of the batch and replaces the
-    argument: on the data side by :math:`y = x + \sigma\epsilon` (or draws from the target
-    distribution), fed to guide and model; on the model side the model samples ``y`` itself
+    site and the observation must sit in one data plate sized by that batch, the plate of the
+    observation's first dim (plates nested inside it are summed into each row's term; no
+    ``subsample`` or ``subsample_size``: the bound is an expectation, and the batch *is* the
+    sample of :math:`\hat p`; a plate that subsamples raises a ``ValueError`` naming it), and
+    the guide must compute its parameters from the data argument (amortized). Each call stacks
+    ``num_particles`` copies of the batch and replaces the argument: on the data side by
+    :math:`y = x + \sigma\epsilon` (or draws from the target distribution), fed to guide and
+    model; on the model side the model samples ``y`` itself
     (the batch only fixes the shape) and the guide is run on it at the model's latent values.
     Pass a uniform minibatch of ``data`` (or all of it) to :class:`~pyro.infer.SVI`.
 
@@ -137,6 +190,11 @@ class FDivergenceBound(ELBO):
         (default ``Adam(lr=1e-3)``).
     :param data_arg: position or keyword of the data argument.
     :param str obs_site: name of the observation site (default: the only observed site).
+    :param bool check_finite: when ``True`` (default), :meth:`loss`, :meth:`loss_and_grads`
+        (also before each guide step) and :meth:`differentiable_loss` raise a ``ValueError``
+        naming the model and guide sites, and the data density :math:`\log \hat p(y)`, whose
+        log-densities are not finite whenever the bound is not finite; ``False`` skips the
+        check (no device synchronization in :meth:`differentiable_loss`).
 
     **References**
 
@@ -162,10 +220,12 @@ class FDivergenceBound(ELBO):
         data_arg: int | str = 0,
         obs_site: str | None = None,
         max_plate_nesting: float = float("inf"),
+        check_finite: bool = True,
     ):
         super().__init__(
             num_particles=check_num_particles(num_particles), max_plate_nesting=max_plate_nesting
         )
+        self.check_finite = check_flag("check_finite", check_finite)
         self.divergence = _as_divergence(f)
         self.schedule = _as_schedule(spread)
         self._check_data(data)
@@ -248,15 +308,61 @@ class FDivergenceBound(ELBO):
         return spread_log_density(y, self.data, self.sigma)
 
     # ---------------------------------------------------------------- the bound
+    def _guarded(self, fn):
+        return _NoSubsampling(type(self).__name__, self.data_arg)(fn)
+
     def _setup(self, model, guide, args, kwargs) -> None:
+        """On the first call: ``max_plate_nesting``, the observation site and the data plate,
+        checked on the batch as given (before any stacking)."""
         if self.max_plate_nesting == float("inf"):
             with rng_preserved():
-                self._guess_max_plate_nesting(model, guide, args, kwargs)
+                self._guess_max_plate_nesting(
+                    self._guarded(model), self._guarded(guide), args, kwargs
+                )
         if getattr(self, "_obs_name", None) is None:
             x = self.data_arg.get(args, kwargs)
-            site = find_observation(traced_once(model, *args, **kwargs), self.obs_site)
+            trace = traced_once(self._guarded(model), *args, **kwargs)
+            site = find_observation(trace, self.obs_site)
             self._check_shapes(site, x)
-            self._obs_name = site["name"]
+            plate = self._data_plate_of(site, x)
+            self._check_latents_in_plate(plate, site["name"], len(x), {"model": trace})
+            self._obs_name, self._data_plate = site["name"], plate
+
+    def _data_plate_of(self, site: dict, x: torch.Tensor) -> str:
+        """The name of the plate over the observation's first (batch) dim."""
+        dim = -(x.dim() - site["fn"].event_dim)
+        for frame in site["cond_indep_stack"]:
+            if frame.vectorized and frame.dim == dim and frame.size == len(x) and dim < 0:
+                return frame.name
+        raise ValueError(
+            f"{type(self).__name__} needs the observation '{site['name']}' inside a data plate "
+            f"over the batch's first dim (size {len(x)}); it has plates "
+            f"{[(f.name, f.dim, f.size) for f in site['cond_indep_stack'] if f.vectorized]} and "
+            f"event_dim {site['fn'].event_dim}. Wrap the model's and guide's sites in "
+            "pyro.plate('data', len(x)) and declare the other dims of a row with .to_event(...) "
+            "or nested plates."
+        )
+
+    def _check_latents_in_plate(
+        self, plate: str, obs: str, batch: int, traces: dict[str, Trace]
+    ) -> None:
+        outside = [
+            f"{'observed' if site['is_observed'] else 'latent'} {kind} site '{name}'"
+            for kind, trace in traces.items()
+            for name, site in trace.nodes.items()
+            if site["type"] == "sample"
+            and not site_is_subsample(site)
+            and all(f.name != plate for f in site["cond_indep_stack"])
+        ]
+        if outside:
+            raise ValueError(
+                f"{type(self).__name__} needs every latent site and the observation '{obs}' "
+                f"inside one data plate over the batch (plate '{plate}', size {batch}), but the "
+                f"{', '.join(outside)} {'is' if len(outside) == 1 else 'are'} outside it: a "
+                "global site, one value shared by the whole batch, has no term per row of the "
+                "bound. Move global latents into pyro.param, or use a posterior-inference "
+                "objective (IWAE, BlackBoxAlpha)."
+            )
 
     def _check_shapes(self, site: dict, x: torch.Tensor) -> None:
         value = site["value"]
@@ -275,7 +381,33 @@ class FDivergenceBound(ELBO):
 
     def _traces(self, model, guide, args, kwargs):
         """Model and guide traces of one vectorized draw, and the sampled ``y``."""
-        x = repeat_batch(self.data_arg.get(args, kwargs), self.num_particles)
+        batch = self.data_arg.get(args, kwargs)
+        x = repeat_batch(batch, self.num_particles)
+        model, guide = self._guarded(model), self._guarded(guide)
+        try:
+            model_trace, guide_trace, y = self._run(model, guide, args, kwargs, x)
+        except ValueError as err:
+            if self.num_particles == 1 or "Shape mismatch inside plate" not in str(err):
+                raise
+            raise ValueError(
+                f"{type(self).__name__} runs the model and guide on num_particles="
+                f"{self.num_particles} stacked copies of the batch ({len(batch)} rows -> "
+                f"{len(x)}), and a site did not follow the batch: {str(err).splitlines()[0]}. "
+                "Every site in the data plate must be sized by the data argument, and the guide "
+                "must compute its parameters from it (an amortized q(z | x)); a guide with "
+                "per-data-point parameters is posterior inference of a fixed batch: use a "
+                "posterior-inference objective (IWAE, BlackBoxAlpha)."
+            ) from err
+        if y.shape[: x.dim()] != x.shape:
+            raise ValueError(
+                f"{type(self).__name__} stacks num_particles={self.num_particles} copies of the "
+                f"batch ({len(batch)} rows -> {len(x)}), but the model's observation "
+                f"'{self._obs_name}' drew shape {tuple(y.shape)}: size the data plate by the data "
+                "argument, pyro.plate('data', len(x)), not by a fixed number."
+            )
+        return model_trace, guide_trace, y
+
+    def _run(self, model, guide, args, kwargs, x: torch.Tensor):
         if self.sample_from == "model":
             sampler = ObservationMessenger(self._obs_name, self.sigma, resample=True)
             model_args = self.data_arg.substitute(args, kwargs, x)
@@ -301,31 +433,66 @@ class FDivergenceBound(ELBO):
             reparameterized_or_raise(guide_trace.nodes, "guide", type(self).__name__)
         return model_trace, guide_trace, y
 
-    def _terms(self, model, guide, args, kwargs) -> tuple[torch.Tensor, LogWeights]:
-        """Per-sample :math:`f(e^r)` (model side) or :math:`\\tilde f(e^{-r})` (data side)."""
+    def _terms(self, model, guide, args, kwargs) -> tuple[torch.Tensor, _Draw]:
+        """Per-sample :math:`f(e^r)` (model side) or :math:`\tilde f(e^{-r})` (data side)."""
         self._setup(model, guide, args, kwargs)
         model_trace, guide_trace, y = self._traces(model, guide, args, kwargs)
         weights = log_weights_from_traces(model_trace, guide_trace, self.max_plate_nesting)
-        log_w = weights.log_w.reshape(-1)
-        batch = y.shape[0]
-        if log_w.numel() != batch:
+        batch = y.shape[0] // self.num_particles
+        plates = [f.name for f in weights.plates]
+        if self._data_plate not in plates:  # a structure that changed since the first call
+            traces = {"model": model_trace, "guide": guide_trace}
+            self._check_latents_in_plate(self._data_plate, self._obs_name, batch, traces)
             raise ValueError(
-                f"{type(self).__name__} needs every latent site and the observation "
-                f"'{self._obs_name}' inside one data plate over the batch (size {batch}); the "
-                f"sites share plates {[f.name for f in weights.plates]}. Move global latents "
-                "into pyro.param, or use a posterior-inference objective (IWAE, BlackBoxAlpha)."
+                f"{type(self).__name__} needs every site inside the data plate "
+                f"'{self._data_plate}'; the sites share plates {plates}"
+            )
+        # one term per row: plates nested in the data plate are part of the row
+        row = plates.index(self._data_plate) + 1
+        log_w = weights.log_w
+        inner = [d for d in range(1, log_w.dim()) if d != row]
+        log_w = (log_w.sum(inner) if inner else log_w).reshape(-1)
+        if log_w.numel() != y.shape[0]:
+            raise ValueError(
+                f"{type(self).__name__} needs one log weight per row of the batch (size {batch}, "
+                f"stacked num_particles={self.num_particles} times), actual {log_w.numel()}: "
+                f"check that the data plate '{self._data_plate}' is sized by the data argument"
             )
         log_p_hat = self.log_data_density(y)
+        draw = _Draw(weights, log_p_hat)
         if self.sample_from == "model":
-            return self.divergence.f(log_p_hat - log_w), weights
-        return self.divergence.dual().f(log_w - log_p_hat), weights
+            return self.divergence.f(log_p_hat - log_w), draw
+        return self.divergence.dual().f(log_w - log_p_hat), draw
 
-    def _bound(self, model, guide, args, kwargs) -> tuple[torch.Tensor, LogWeights]:
-        terms, weights = self._terms(model, guide, args, kwargs)
-        return terms.mean(), weights
+    def _bound(self, model, guide, args, kwargs) -> tuple[torch.Tensor, _Draw]:
+        terms, draw = self._terms(model, guide, args, kwargs)
+        return terms.mean(), draw
 
-    def _checked(self, bound: torch.Tensor, weights: LogWeights) -> float:
-        return checked_value(bound, type(self).__name__, weights)
+    def _checked(self, bound: torch.Tensor, draw: _Draw) -> float:
+        if isinstance(self.data, torch.Tensor):
+            density = (
+                "the data density log p_hat(y), the training set under spread noise of width "
+                f"sigma={self.sigma:g}"
+            )
+            advice = (
+                "The samples y are far from every training point at this spread: pass a larger "
+                "spread (or anneal it from a wider start) so that p_hat covers the model's "
+                "samples, or initialize the model closer to the data."
+            )
+        else:
+            density = "the data density log p_hat(y), the target distribution's log_prob"
+            advice = (
+                "The samples y lie where the target's density is 0 or underflows: initialize "
+                "the model closer to the data."
+            )
+        return checked_value(
+            bound.detach(),
+            type(self).__name__,
+            draw.weights,
+            check_finite=self.check_finite,
+            densities={density: (draw.log_data_density, advice)},
+            otherwise="no single site: the log weights or f overflowed when combined",
+        )
 
     # ---------------------------------------------------------------- Pyro's entry points
     def _get_trace(self, model, guide, args, kwargs):
@@ -337,19 +504,29 @@ class FDivergenceBound(ELBO):
     def loss(self, model, guide, *args, **kwargs) -> float:
         """:returns: an estimate of the bound :math:`U(\\theta, \\phi)`; changes no state."""
         with torch.no_grad():
-            bound, weights = self._bound(model, guide, args, kwargs)
-            return self._checked(bound, weights)
+            bound, draw = self._bound(model, guide, args, kwargs)
+            return self._checked(bound, draw)
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        """:returns: the bound estimate as a differentiable scalar (gradient to all params)."""
-        return self._bound(model, guide, args, kwargs)[0]
+        """
+        :returns: the bound estimate as a differentiable scalar (gradient to all params).
+        :raises ValueError: naming the sites (and the data density) if the bound is not finite
+            (with ``check_finite``).
+        """
+        bound, draw = self._bound(model, guide, args, kwargs)
+        if self.check_finite:
+            self._checked(bound, draw)
+        return bound
 
     def _guide_step(self, model, guide, args, kwargs) -> None:
-        bound, weights = self._bound(model, guide, args, kwargs)
-        self._checked(bound, weights)
-        model_params = trace_params(weights.model_trace)
+        bound, draw = self._bound(model, guide, args, kwargs)
+        if self.check_finite:
+            self._checked(bound, draw)
+        model_params = trace_params(draw.weights.model_trace)
         params = [
-            p for p in trace_params(weights.guide_trace) if all(p is not q for q in model_params)
+            p
+            for p in trace_params(draw.weights.guide_trace)
+            if all(p is not q for q in model_params)
         ]
         if not params:
             raise ValueError("guide_steps > 0 but the guide has no parameters to update")
@@ -369,15 +546,16 @@ class FDivergenceBound(ELBO):
         parameters, or all parameters when ``guide_steps=0``) and advance the spread schedule.
 
         :returns: the bound estimate of the final evaluation.
-        :raises ValueError: naming the sites if the bound is not finite.
+        :raises ValueError: naming the sites (and the data density) if the bound is not finite
+            (with ``check_finite``).
         """
         for _ in range(self.guide_steps):
             self._guide_step(model, guide, args, kwargs)
-        bound, weights = self._bound(model, guide, args, kwargs)
-        value = self._checked(bound, weights)
+        bound, draw = self._bound(model, guide, args, kwargs)
+        value = self._checked(bound, draw)
         if bound.requires_grad:
             if self.guide_steps:
-                params = trace_params(weights.model_trace)
+                params = trace_params(draw.weights.model_trace)
                 if params:
                     bound.backward(inputs=params, retain_graph=self.retain_graph)
             else:

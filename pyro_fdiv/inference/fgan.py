@@ -9,6 +9,8 @@ import torch
 from pyro import poutine
 from pyro.distributions import Distribution
 from pyro.infer.elbo import ELBO
+from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from pyro_fdiv.divergences import Divergence
@@ -22,6 +24,7 @@ from pyro_fdiv.inference.generative import (
     trace_params,
     traced_once,
 )
+from pyro_fdiv.inference.importance import check_flag, checked_value
 from pyro_fdiv.inference.objective import check_integer, check_num_particles
 
 __all__ = ["FGANBound"]
@@ -44,7 +47,11 @@ class FGANBound(ELBO):
     same divergence from above.
 
     Model samples come from the model itself, its observation site resampled (``rsample``, so
-    :math:`\theta` gets pathwise gradients); the guide is not used (pass an empty function).
+    :math:`\theta` gets pathwise gradients). FGANBound trains the model only: there is no
+    guide (pass ``None`` or a function without sample sites or parameters; a guide that has
+    them raises a ``ValueError`` naming them, since it would get no gradient: use
+    :class:`FDivergenceBound` for a model with an encoder, and ``IWAE``, ``BlackBoxAlpha``,
+    ``AVB`` or ``JSA`` for posterior inference).
     Data samples are the batch passed to the model (the data argument, ``data_arg``), or draws
     from ``data`` when a target distribution is given.
 
@@ -60,6 +67,12 @@ class FGANBound(ELBO):
         building one from them (default ``Adam(lr=1e-3)``).
     :param int critic_steps: critic updates per model update.
     :param int num_particles: model samples per element of the batch.
+    :param bool check_finite: when ``True`` (default), :meth:`loss`, :meth:`loss_and_grads`
+        (also before each critic update) and :meth:`differentiable_loss` raise a ``ValueError``
+        if the bound is not finite, naming the model sites whose log-densities are not finite
+        at the model's samples (e.g. an observation drawn at ``inf``), or else blaming the
+        critic; ``False`` skips the check (no device synchronization in
+        :meth:`differentiable_loss`).
 
     **References**
 
@@ -80,8 +93,10 @@ class FGANBound(ELBO):
         num_particles: int = 1,
         data_arg: int | str = 0,
         obs_site: str | None = None,
+        check_finite: bool = True,
     ):
         super().__init__(num_particles=check_num_particles(num_particles))
+        self.check_finite = check_flag("check_finite", check_finite)
         self.divergence = _as_divergence(f)
         if not isinstance(critic, nn.Module):
             raise ValueError(
@@ -103,8 +118,29 @@ class FGANBound(ELBO):
         self.obs_site = obs_site
         self._obs_name = None
 
-    def _samples(self, model, args, kwargs) -> tuple[torch.Tensor, torch.Tensor, list]:
-        """Data samples, model samples (differentiable in theta) and the model's parameters."""
+    def _check_guide(self, guide, args, kwargs) -> None:
+        """Raise if ``guide`` has sample sites or parameters: they would silently get nothing.
+        An empty guide costs one trivial traced call."""
+        if guide is None:
+            return
+        trace = traced_once(guide, *args, **kwargs)
+        sites = [
+            name
+            for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not site_is_subsample(site)
+        ]
+        params = [name for name, site in trace.nodes.items() if site["type"] == "param"]
+        if sites or params:
+            raise ValueError(
+                f"{type(self).__name__} trains the model only and never runs the guide, but the "
+                f"guide has sample sites {sites} and parameters {params}, which would get no "
+                "gradient. Use FDivergenceBound for a model with an encoder (q(z | x) as the "
+                "guide), IWAE, BlackBoxAlpha, AVB or JSA for posterior inference, or pass no "
+                "guide (None, or a function without sites)."
+            )
+
+    def _samples(self, model, args, kwargs) -> tuple[torch.Tensor, torch.Tensor, Trace]:
+        """Data samples, model samples (differentiable in theta) and the model's trace."""
         x = self.data_arg.get(args, kwargs)
         if self._obs_name is None:
             self._obs_name = find_observation(traced_once(model, *args, **kwargs), self.obs_site)[
@@ -117,7 +153,7 @@ class FGANBound(ELBO):
         sampler = ObservationMessenger(self._obs_name, resample=True)
         trace = poutine.trace(sampler(model)).get_trace(*model_args, **model_kwargs)
         reparameterized_or_raise(trace.nodes, "model", type(self).__name__)
-        return x, trace.nodes[self._obs_name]["value"], trace_params(trace)
+        return x, trace.nodes[self._obs_name]["value"], trace
 
     def _critic(self, x: torch.Tensor) -> torch.Tensor:
         v = self.critic(x)
@@ -138,14 +174,19 @@ class FGANBound(ELBO):
             - self.divergence.critic_conjugate(v_model).mean()
         )
 
-    def _finite(self, bound: torch.Tensor) -> float:
-        value = bound.item()
-        if not torch.isfinite(bound):
-            raise ValueError(
-                f"{type(self).__name__} bound is {value}: the critic's outputs left the domain "
-                "of f* or overflowed; lower the critic's learning rate"
-            )
-        return value
+    def _checked(self, bound: torch.Tensor, trace: Trace) -> float:
+        return checked_value(
+            bound.detach(),
+            type(self).__name__,
+            traces={"model": trace},
+            check_finite=self.check_finite,
+            quantity="bound",
+            cause="the critic's inputs or outputs are not finite",
+            otherwise=(
+                "no model site, so the critic's outputs left the domain of f* or overflowed"
+            ),
+            advice="Check the model's parameters, or lower the critic's learning rate.",
+        )
 
     def _get_trace(self, model, guide, args, kwargs):
         """Pyro's ``ELBO`` interface: the model's trace with the observation resampled."""
@@ -153,15 +194,21 @@ class FGANBound(ELBO):
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         """:returns: the lower-bound estimate (the model minimizes it); changes no state."""
+        self._check_guide(guide, args, kwargs)
         with torch.no_grad():
-            x_data, x_model, _ = self._samples(model, args, kwargs)
-            return self._finite(self.bound(x_data, x_model))
+            x_data, x_model, trace = self._samples(model, args, kwargs)
+            return self._checked(self.bound(x_data, x_model), trace)
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """:returns: the lower-bound estimate, differentiable in the model's (and critic's)
-        parameters."""
-        x_data, x_model, _ = self._samples(model, args, kwargs)
-        return self.bound(x_data, x_model)
+        parameters.
+        :raises ValueError: if the bound is not finite (with ``check_finite``)."""
+        self._check_guide(guide, args, kwargs)
+        x_data, x_model, trace = self._samples(model, args, kwargs)
+        bound = self.bound(x_data, x_model)
+        if self.check_finite:
+            self._checked(bound, trace)
+        return bound
 
     @torch.no_grad()
     def critic_loss(self, model, guide, *args, **kwargs) -> float:
@@ -169,19 +216,24 @@ class FGANBound(ELBO):
         return -self.loss(model, guide, *args, **kwargs)
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        """``critic_steps`` critic updates, then the bound's gradient into the model only."""
+        """``critic_steps`` critic updates, then the bound's gradient into the model only.
+
+        :raises ValueError: if the bound is not finite (with ``check_finite``)."""
+        self._check_guide(guide, args, kwargs)
         for _ in range(self.critic_steps):
             with torch.no_grad():
-                x_data, x_model, _ = self._samples(model, args, kwargs)
+                x_data, x_model, trace = self._samples(model, args, kwargs)
             critic_loss = -self.bound(x_data, x_model)
-            self._finite(critic_loss)
+            if self.check_finite:
+                self._checked(critic_loss, trace)
             self.critic_optim.zero_grad()
             critic_loss.backward()
             self.critic_optim.step()
             self.critic_optim.zero_grad()
-        x_data, x_model, params = self._samples(model, args, kwargs)
+        x_data, x_model, trace = self._samples(model, args, kwargs)
         bound = self.bound(x_data, x_model)
-        value = self._finite(bound)
+        value = self._checked(bound, trace)
+        params = trace_params(trace)
         if params and bound.requires_grad:
             bound.backward(inputs=params)
         return value

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, NoReturn
 
 import pyro
 import torch
@@ -20,13 +20,16 @@ from pyro.util import check_model_guide_match
 from torch.distributions.utils import broadcast_all
 
 __all__ = [
+    "NON_FINITE_ADVICE",
     "PARTICLE_PLATE",
     "LogWeights",
+    "check_flag",
     "checked_value",
     "get_log_weights",
     "guide_log_prob_at_detached",
     "log_mean_exp",
     "log_weights_from_traces",
+    "non_finite_sites",
     "raise_non_finite",
     "reparam_roots",
     "site_log_prob",
@@ -109,9 +112,10 @@ def _shared_plates(
             outside = [n for n, s in zip(names, stacks, strict=True) if frame not in s]
             raise ValueError(
                 f"plate '{frame.name}' is subsampled ({frame.size} of {frame.full_size}) but "
-                f"sites {outside} are outside it. Per-data-point importance weights need the "
-                "subsampled plate to enclose every sample site of the model and guide (a data "
-                "plate around the whole model); subsample only such a plate, or move the "
+                f"sites [{', '.join(outside)}] are outside it. Per-data-point importance weights "
+                "need the subsampled plate to enclose every sample site of the model and "
+                "guide (a data plate around the whole model); subsample only such a plate, or "
+                "move the "
                 "global latents' inference to a separate objective."
             )
     scale = 1.0
@@ -231,7 +235,7 @@ def log_weights_from_traces(
     _check_sites(model_sites, guide_sites)
     if is_validation_enabled():
         check_model_guide_match(model_trace, guide_trace, max_plate_nesting)
-    names = list(model_sites) + list(guide_sites)
+    names = [f"model site '{n}'" for n in model_sites] + [f"guide site '{n}'" for n in guide_sites]
     plates, scale = _shared_plates(list(model_sites.values()) + list(guide_sites.values()), names)
     keep_dims = tuple(f.dim for f in plates)
 
@@ -301,29 +305,95 @@ def reparam_roots(guide_trace: Trace) -> dict[str, torch.Tensor]:
     }
 
 
-def raise_non_finite(loss: float, objective: str, weights: LogWeights) -> None:
-    """Raise a ``ValueError`` naming the sites whose log-densities are not finite."""
+#: What to do about non-finite log-densities, unless an objective knows better.
+NON_FINITE_ADVICE = (
+    "Check the sites' parameters (e.g. a scale that reached 0, a value outside the support), "
+    "lower the learning rate, or constrain the parameters."
+)
+
+
+def non_finite_sites(traces: Mapping[str, Trace]) -> list[str]:
+    """``"{kind} site '{name}' (n non-finite log_prob entries)"`` for every sample site of the
+    ``{kind: trace}`` mapping whose log-density is not finite everywhere."""
     bad = []
-    for kind, trace in (("model", weights.model_trace), ("guide", weights.guide_trace)):
+    for kind, trace in traces.items():
         for name, site in _sample_sites(trace).items():
             with torch.no_grad():
                 log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
-            if not torch.isfinite(log_p).all():
-                n_bad = int((~torch.isfinite(log_p)).sum())
-                bad.append(f"{kind} site '{name}' ({n_bad} non-finite log_prob entries)")
-    where = "; ".join(bad) if bad else "no single site: the log weights overflowed when combined"
-    raise ValueError(
-        f"{objective} loss is {loss}. Non-finite log-densities at: {where}. Check the sites' "
-        "parameters (e.g. a scale that reached 0, a value outside the support), lower the "
-        "learning rate, or constrain the parameters."
-    )
+            finite = torch.isfinite(log_p)
+            if not finite.all():
+                count = int((~finite).sum())
+                bad.append(f"{kind} site '{name}' ({count} non-finite log_prob entries)")
+    return bad
 
 
-def checked_value(loss: torch.Tensor, objective: str, weights: LogWeights) -> float:
-    """``loss.item()``, or :func:`raise_non_finite` if it is not finite."""
+def raise_non_finite(
+    loss: float,
+    objective: str,
+    weights: LogWeights | None = None,
+    *,
+    traces: Mapping[str, Trace] | None = None,
+    densities: Mapping[str, tuple[torch.Tensor, str]] | None = None,
+    quantity: str = "loss",
+    cause: str | None = None,
+    otherwise: str = "no single site: the log weights overflowed when combined",
+    advice: str = NON_FINITE_ADVICE,
+) -> NoReturn:
+    """
+    Raise a ``ValueError`` naming the sites whose log-densities are not finite: the mechanism
+    behind every objective's ``check_finite`` option.
+
+    :param float loss: the non-finite value, for the message.
+    :param str objective: the objective's name, for the message.
+    :param weights: the draw; its model and guide traces are searched unless ``traces`` is given.
+    :param traces: ``{kind: trace}`` to search instead (e.g. the model only, when the guide has
+        no density).
+    :param densities: other log-densities of the objective, ``{description: (tensor, advice)}``
+        (e.g. a data density); those that are not finite are named, with their advice.
+    :param str quantity: what ``loss`` is (``"loss"``, ``"bound"``).
+    :param str cause: a clause placed after the value (``"FGANBound bound is nan: ..."``).
+    :param str otherwise: the text when no site or density is to blame.
+    :param str advice: the closing advice.
+    """
+    if traces is None:
+        if weights is None:
+            raise TypeError("raise_non_finite needs weights or traces")
+        traces = {"model": weights.model_trace, "guide": weights.guide_trace}
+    sites, bad, hints = non_finite_sites(traces), [], []
+    for description, (log_p, hint) in (densities or {}).items():
+        finite = torch.isfinite(log_p.detach())
+        if not finite.all():
+            bad.append(f"{description} ({int((~finite).sum())} of {finite.numel()} not finite)")
+            hints.append(hint)
+    where = "; ".join(sites + bad) if sites or bad else otherwise
+    if sites or not bad:  # the closing advice is about the sites
+        hints.append(advice)
+    head = f"{objective} {quantity} is {loss}" + (f": {cause}" if cause else "")
+    raise ValueError(f"{head}. Non-finite log-densities at: {where}. {' '.join(hints)}")
+
+
+def checked_value(
+    loss: torch.Tensor,
+    objective: str,
+    weights: LogWeights | None = None,
+    *,
+    check_finite: bool = True,
+    **details: Any,
+) -> float:
+    """
+    ``loss.item()``; with ``check_finite``, :func:`raise_non_finite` (given ``details``) if it
+    is not finite.
+    """
     value = loss.item()
-    if not math.isfinite(value):
-        raise_non_finite(value, objective, weights)
+    if check_finite and not math.isfinite(value):
+        raise_non_finite(value, objective, weights, **details)
+    return value
+
+
+def check_flag(name: str, value: object) -> bool:
+    """Validate a boolean option ``name`` (e.g. ``check_finite``)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"Expected {name} to be a bool, actual {value!r}")
     return value
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from pyro.poutine.util import site_is_subsample
 
 from pyro_fdiv.inference.importance import (
     LogWeights,
@@ -67,8 +68,12 @@ class IWAE(ImportanceObjective):
 
     :param int num_particles: number of importance samples :math:`K` per data point.
     :param str gradient_estimator: ``"reparam"`` (default), ``"stl"`` or ``"dreg"``.
-    :param elbo_kwargs: ``max_plate_nesting``, ``retain_graph``, ... as for
-        :class:`~pyro.infer.elbo.ELBO`.
+    :param bool check_finite: when ``True`` (default), :meth:`loss`, :meth:`loss_and_grads` and
+        :meth:`differentiable_loss` raise a ``ValueError`` naming the model and guide sites whose
+        log-densities are not finite whenever the loss is not finite; ``False`` skips the check
+        (no device synchronization in :meth:`differentiable_loss`).
+    :param elbo_kwargs: ``max_plate_nesting``, ``retain_graph``, ``validation``, ... as for
+        :class:`~pyro_fdiv.inference.ImportanceObjective`.
 
     **References**
 
@@ -83,7 +88,14 @@ class IWAE(ImportanceObjective):
     [4] A. Mnih, D. Rezende. *Variational Inference for Monte Carlo Objectives*. ICML 2016.
     """
 
-    def __init__(self, num_particles: int = 1, gradient_estimator: str = "reparam", **elbo_kwargs):
+    def __init__(
+        self,
+        num_particles: int = 1,
+        gradient_estimator: str = "reparam",
+        *,
+        check_finite: bool = True,
+        **elbo_kwargs,
+    ):
         if gradient_estimator not in GRADIENT_ESTIMATORS:
             raise ValueError(
                 f"Expected gradient_estimator in {GRADIENT_ESTIMATORS}, "
@@ -91,7 +103,7 @@ class IWAE(ImportanceObjective):
             )
         self.gradient_estimator = gradient_estimator
         self._checked_roots: set[tuple[str, ...]] = set()
-        super().__init__(num_particles=num_particles, **elbo_kwargs)
+        super().__init__(num_particles=num_particles, check_finite=check_finite, **elbo_kwargs)
 
     def bound(self, log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:
         r""":math:`\log \frac{1}{K}\sum_k w_k` along ``dim``."""
@@ -140,10 +152,14 @@ class IWAE(ImportanceObjective):
 
 
 def _non_reparam_sites(weights: LogWeights) -> list[str]:
+    """The guide's latent sample sites without ``rsample`` (plates' subsample sites excluded)."""
     return [
         name
         for name, site in weights.guide_trace.nodes.items()
-        if site["type"] == "sample" and not site["fn"].has_rsample and not site["is_observed"]
+        if site["type"] == "sample"
+        and not site_is_subsample(site)
+        and not site["fn"].has_rsample
+        and not site["is_observed"]
     ]
 
 

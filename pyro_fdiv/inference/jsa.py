@@ -3,7 +3,6 @@ Metropolis independence chains that use the guide as their proposal."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -23,9 +22,9 @@ from torch import nn
 from pyro_fdiv.inference import mis
 from pyro_fdiv.inference.importance import (
     PARTICLE_PLATE,
-    LogWeights,
     _check_sites,
-    raise_non_finite,
+    check_flag,
+    checked_value,
     site_log_prob,
 )
 from pyro_fdiv.inference.objective import check_integer, check_num_particles, rng_preserved
@@ -318,6 +317,10 @@ class JSA(ELBO, nn.Module):
     :param str validation: with Pyro's validation on, ``"first"`` (default) validates
         distribution arguments and the model/guide match on the first step only (the
         structure is fixed: a change raises a ``ValueError`` anyway), ``"always"`` every step.
+    :param bool check_finite: when ``True`` (default), :meth:`loss`, :meth:`loss_and_grads` and
+        :meth:`differentiable_loss` raise a ``ValueError`` naming the model and guide sites whose
+        log-densities are not finite whenever the loss is not finite; ``False`` skips the check
+        (no device synchronization in :meth:`differentiable_loss`).
 
     **References**
 
@@ -344,7 +347,9 @@ class JSA(ELBO, nn.Module):
         max_plate_nesting: float = float("inf"),
         retain_graph: bool | None = None,
         validation: str = "first",
+        check_finite: bool = True,
     ) -> None:
+        check_finite = check_flag("check_finite", check_finite)
         if num_data is not None:
             num_data = check_integer("num_data", num_data, 1)
         num_moves = check_integer("num_moves", num_moves, 1)
@@ -372,6 +377,7 @@ class JSA(ELBO, nn.Module):
         self.average_visited = bool(average_visited)
         self.record_history = bool(record_history)
         self.validation = validation
+        self.check_finite = check_finite
         self._prototype: dict | None = None  # data plate frame and site layouts (derived)
         self._pending: _Step | None = None
         self._specs: dict[str, _SiteSpec] = {}
@@ -402,9 +408,12 @@ class JSA(ELBO, nn.Module):
         """
         :returns: a scalar tensor equal to :meth:`loss` whose gradient is the JSA update. The
             chains are not changed; :meth:`commit` writes this step's accepted states.
+        :raises ValueError: naming the sites involved if the loss is not finite (with
+            ``check_finite``).
         """
         step = self._step(model, guide, args, kwargs, grad=True)
-        self._checked(step)
+        if self.check_finite:
+            self._checked(step)
         self._pending = step
         return step.loss
 
@@ -413,7 +422,8 @@ class JSA(ELBO, nn.Module):
         Move the chains, back-propagate the surrogate loss at the accepted states into every
         parameter, then write the accepted states to the cache.
 
-        :raises ValueError: naming the sites involved if the loss is not finite.
+        :raises ValueError: naming the sites involved if the loss is not finite (with
+            ``check_finite``).
         """
         step = self._step(model, guide, args, kwargs, grad=True)
         value = self._checked(step)
@@ -912,12 +922,13 @@ class JSA(ELBO, nn.Module):
         return -value
 
     def _checked(self, step: _Step) -> float:
-        value = step.loss.item()
-        if not math.isfinite(value):
-            model_trace, guide_trace = step.traces
-            weights = LogWeights(step.loss, None, 1.0, (), model_trace, guide_trace)
-            raise_non_finite(value, "JSA", weights)
-        return value
+        model_trace, guide_trace = step.traces
+        return checked_value(
+            step.loss.detach(),
+            "JSA",
+            traces={"model": model_trace, "guide": guide_trace},
+            check_finite=self.check_finite,
+        )
 
     @torch.no_grad()
     def _commit(self, step: _Step) -> None:

@@ -14,6 +14,7 @@ from pyro.util import get_rng_state, set_rng_state
 
 from pyro_fdiv.inference.importance import (
     LogWeights,
+    check_flag,
     checked_value,
     get_log_weights,
     trace_signature,
@@ -111,7 +112,13 @@ class ImportanceObjective(ELBO):
         distribution arguments, supports and the model/guide match on the first step and
         again whenever the sample sites' names, types or shapes change, and runs other steps
         without it, as Pyro's JIT objectives do (it costs 5-15% of a step); ``"always"``
-        validates every step. Non-finite losses are caught on every step either way.
+        validates every step. ``check_finite`` applies on every step either way.
+    :param bool check_finite: when ``True`` (default), :meth:`loss`, :meth:`loss_and_grads` and
+        :meth:`differentiable_loss` raise a ``ValueError`` naming the model and guide sites whose
+        log-densities are not finite if the loss is not finite
+        (:func:`~pyro_fdiv.inference.importance.raise_non_finite`); when ``False`` there is no
+        check: a non-finite loss is returned (and back-propagated) as is, and
+        :meth:`differentiable_loss` never synchronizes with the device.
     """
 
     def __init__(
@@ -122,8 +129,10 @@ class ImportanceObjective(ELBO):
         strict_enumeration_warning: bool = True,
         retain_graph: bool | None = None,
         validation: str = "first",
+        check_finite: bool = True,
     ):
         num_particles = check_num_particles(num_particles)
+        self.check_finite = check_flag("check_finite", check_finite)
         if validation not in ("first", "always"):
             raise ValueError(f"Expected validation in ('first', 'always'), actual {validation!r}")
         self.validation = validation
@@ -153,10 +162,14 @@ class ImportanceObjective(ELBO):
         if self.validation == "always" or not is_validation_enabled():
             return get_log_weights(*run)
         if self._validated is not None:
+            state = get_rng_state()
             with pyro.validation_enabled(False):
                 weights = get_log_weights(*run)
             if trace_signature(weights) == self._validated:
                 return weights
+            # the structure changed: validate a rerun with the same draws, so that the random
+            # stream (and an exact resume from a checkpoint) does not depend on validation
+            set_rng_state(state)
         weights = get_log_weights(*run)  # first step, or the structure changed: validate
         self._validated = trace_signature(weights)
         return weights
@@ -176,7 +189,7 @@ class ImportanceObjective(ELBO):
         return surrogate
 
     def _checked(self, loss: torch.Tensor, weights: LogWeights) -> float:
-        return checked_value(loss, type(self).__name__, weights)
+        return checked_value(loss, type(self).__name__, weights, check_finite=self.check_finite)
 
     @torch.no_grad()
     def loss(self, model, guide, *args, **kwargs) -> float:
@@ -191,15 +204,21 @@ class ImportanceObjective(ELBO):
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """
         :returns: a scalar tensor equal to :meth:`loss` whose gradient is the estimator.
+        :raises ValueError: naming the sites involved if the loss is not finite (with
+            ``check_finite``).
         """
         weights = self._log_weights(model, guide, args, kwargs)
-        return -self._surrogate(weights, model, guide, args, kwargs).sum() * weights.scale
+        loss = -self._surrogate(weights, model, guide, args, kwargs).sum() * weights.scale
+        if self.check_finite:
+            self._checked(loss.detach(), weights)
+        return loss
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         """
         Compute :meth:`loss` and back-propagate the estimator into every parameter.
 
-        :raises ValueError: naming the sites involved if the loss is not finite.
+        :raises ValueError: naming the sites involved if the loss is not finite (with
+            ``check_finite``).
         """
         weights = self._log_weights(model, guide, args, kwargs)
         loss = -self._surrogate(weights, model, guide, args, kwargs).sum() * weights.scale

@@ -1,0 +1,363 @@
+"""
+Train a VAE on binarized MNIST, MNIST or Omniglot with any objective of the package, with a CSV
+log, an atomic checkpoint each epoch, exact resume, test log-likelihood and image grids.
+
+This is what ``pyro-fdiv train`` runs; :func:`train` is the same from Python::
+
+    from pyro_fdiv.train import TrainConfig, train
+    log = train(TrainConfig(objective="iwae", num_particles=5, epochs=10, out="runs/iwae5"))
+
+Each objective trains the same :class:`~pyro_fdiv.models.vae.VAE` (architecture ``"iwae"`` by
+default: 784-200-200-50, tanh), except where the method needs a different part:
+
+- ``elbo``: Pyro's own :class:`~pyro.infer.Trace_ELBO` (``num_particles`` averaged).
+- ``iwae``, ``bbalpha``: :class:`~pyro_fdiv.inference.IWAE`,
+  :class:`~pyro_fdiv.inference.BlackBoxAlpha` with ``num_particles`` per data point.
+- ``avb``: the implicit encoder (:class:`~pyro_fdiv.models.vae.ImplicitEncoder`) and
+  :class:`~pyro_fdiv.inference.AVB`'s discriminator ``T(x, z)``; the test log-likelihood uses a
+  Gaussian proposal fitted to the encoder's draws (:meth:`VAE.gaussian_proposal`).
+- ``jsa``: :class:`~pyro_fdiv.inference.JSA` with one cached chain per training image (the model
+  receives the minibatch's rows ``idx``).
+- ``fdiv``: :class:`~pyro_fdiv.inference.FDivergenceBound` with a Gaussian decoder whose scale
+  is the spread width; the bound compares the model with the training set through spread noise
+  (whole set, no minibatch scaling). The test log-likelihood then reads the decoder's mean as
+  Bernoulli probabilities (the same network, evaluated as the other objectives' model).
+
+The checkpoint (``checkpoint.pt``, :mod:`pyro_fdiv.checkpoint`) holds the param store, the Adam
+state, the objective's state, every RNG and the log; ``resume=True`` continues after the last
+completed epoch, bit for bit as if the run had not stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyro
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from tqdm.auto import tqdm
+
+from pyro_fdiv import checkpoint
+from pyro_fdiv.data import load_dataset
+from pyro_fdiv.evaluate import log_likelihood
+from pyro_fdiv.inference import (
+    AVB,
+    IWAE,
+    JSA,
+    BlackBoxAlpha,
+    FDivergenceBound,
+    SpreadSchedule,
+)
+from pyro_fdiv.inference.objective import rng_preserved
+from pyro_fdiv.models.vae import ARCHITECTURES, VAE
+
+__all__ = ["OBJECTIVES", "TrainConfig", "Trainer", "train"]
+
+OBJECTIVES = ("elbo", "iwae", "bbalpha", "avb", "jsa", "fdiv")
+DATASETS = ("binarized-mnist", "mnist", "omniglot")
+CHECKPOINT = "checkpoint.pt"
+LOG = "log.csv"
+
+
+@dataclass
+class TrainConfig:
+    """
+    Everything that defines a training run (saved in the checkpoint; a resumed run must match).
+
+    :param str dataset: ``"binarized-mnist"`` (fixed binarization), ``"mnist"`` or
+        ``"omniglot"`` (dynamically binarized each epoch).
+    :param str objective: one of :data:`OBJECTIVES`.
+    :param int num_particles: :math:`K` per data point (ELBO: averaged; AVB: guide samples;
+        JSA: proposals per step; fdiv: samples per element of the batch).
+    :param float alpha: BB-α's :math:`\\alpha`.
+    :param str gradient_estimator: IWAE's ``"reparam"``, ``"stl"`` or ``"dreg"``.
+    :param str f: the f-divergence of ``fdiv``.
+    :param tuple spread: ``fdiv``'s spread schedule ``(start, end, anneal_epochs)``.
+    :param str architecture: a key of :data:`~pyro_fdiv.models.vae.ARCHITECTURES`.
+    :param int epochs: passes over the training set.
+    :param int batch_size: minibatch size.
+    :param float lr: Adam's learning rate.
+    :param int seed: the seed of everything.
+    :param str data_root: the data directory (default ``$PYRO_FDIV_DATA`` or the shared data).
+    :param int num_train: use the first ``num_train`` training images (``None``: all).
+    :param int num_test: test images evaluated after each epoch (``None``: all).
+    :param int eval_samples: importance samples per test image after each epoch.
+    :param str out: output directory (log, checkpoint, images).
+    :param str device: where data, networks and the objective's state live (``"cpu"``,
+        ``"cuda"``, ``"cuda:1"``); a checkpoint resumes on the device it was written on.
+    """
+
+    dataset: str = "binarized-mnist"
+    objective: str = "elbo"
+    num_particles: int = 1
+    alpha: float = 0.5
+    gradient_estimator: str = "reparam"
+    f: str = "reverse_kl"
+    spread: tuple[float, float, int] = (0.5, 0.1, 5)
+    architecture: str = "iwae"
+    epochs: int = 10
+    batch_size: int = 100
+    lr: float = 1e-3
+    seed: int = 0
+    data_root: str | None = None
+    num_train: int | None = None
+    num_test: int | None = 1000
+    eval_samples: int = 500
+    out: str = "train_out"
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"Expected dataset in {sorted(DATASETS)}, actual {self.dataset!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"Expected objective in {OBJECTIVES}, actual {self.objective!r}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"Expected architecture in {sorted(ARCHITECTURES)}, actual {self.architecture!r}"
+            )
+        for name in ("num_particles", "epochs", "batch_size", "eval_samples"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"Expected {name} >= 1, actual {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ValueError(f"Expected lr > 0, actual {self.lr}")
+        self.spread = tuple(self.spread)
+
+    def comparable(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the saved one (not epochs or out)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("epochs", "out")}
+
+
+def _load(config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(train, test, train_gray)``: binary images, and gray levels for dynamic binarization."""
+    name = config.dataset
+    dtype = torch.get_default_dtype()
+    if name == "binarized-mnist":
+        train_x = load_dataset(name, config.data_root, "train", dtype=dtype)
+        test_x = load_dataset(name, config.data_root, "test", dtype=dtype)
+        gray = None
+    else:
+        gray = load_dataset(name, config.data_root, "train", dtype=dtype)
+        test_gray = load_dataset(name, config.data_root, "test", dtype=dtype)
+        # a fixed binarization of the test set, so every epoch and objective sees the same one
+        generator = torch.Generator().manual_seed(123)
+        test_x = torch.bernoulli(test_gray, generator=generator)
+        train_x = torch.bernoulli(gray, generator=generator)
+    train_x, test_x = train_x.reshape(len(train_x), -1), test_x.reshape(len(test_x), -1)
+    if config.num_train is not None:
+        train_x = train_x[: config.num_train]
+        gray = None if gray is None else gray[: config.num_train]
+    if gray is not None:
+        gray = gray.reshape(len(gray), -1)
+    return train_x, test_x, gray
+
+
+def _eval_subset(test_x: torch.Tensor, size: int | None) -> torch.Tensor:
+    """A fixed random subset (the files are not shuffled: the first test images are bolder)."""
+    if size is None or size >= len(test_x):
+        return test_x
+    generator = torch.Generator().manual_seed(1234)
+    return test_x[torch.randperm(len(test_x), generator=generator)[:size]]
+
+
+def build_vae(config: TrainConfig, x_dim: int) -> VAE:
+    """The VAE an objective trains (see the module docstring)."""
+    kwargs = dict(ARCHITECTURES[config.architecture])
+    if config.objective == "fdiv":
+        kwargs.update(likelihood="normal", obs_scale=config.spread[0])
+    if config.objective == "avb":
+        kwargs.update(encoder="implicit")
+    return VAE(x_dim=x_dim, name=config.objective, **kwargs)
+
+
+def build_objective(config: TrainConfig, train_x: torch.Tensor, steps_per_epoch: int):
+    """The loss given to SVI."""
+    k, nesting = config.num_particles, 1  # the VAE has one plate, "data"
+    if config.objective == "elbo":
+        return Trace_ELBO(num_particles=k, vectorize_particles=True, max_plate_nesting=nesting)
+    if config.objective == "iwae":
+        return IWAE(k, config.gradient_estimator, max_plate_nesting=nesting)
+    if config.objective == "bbalpha":
+        return BlackBoxAlpha(config.alpha, num_particles=k, max_plate_nesting=nesting)
+    if config.objective == "avb":
+        return AVB(num_particles=k, adaptive_contrast=k > 1, max_plate_nesting=nesting)
+    if config.objective == "jsa":
+        return JSA(num_data=len(train_x), num_particles=k, max_plate_nesting=nesting)
+    start, end, anneal_epochs = config.spread
+    schedule = SpreadSchedule(start, end, max(1, int(anneal_epochs * steps_per_epoch)))
+    return FDivergenceBound(
+        config.f, data=train_x, spread=schedule, num_particles=k, max_plate_nesting=nesting
+    )
+
+
+class Trainer:
+    """
+    One training run: data, model, objective, optimizer, log and checkpoint (see the module
+    docstring). :meth:`run` trains the remaining epochs; :meth:`step_losses` is one epoch's
+    per-step losses (the unit the resume tests compare).
+    """
+
+    def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True):
+        self.config, self.progress = config, progress
+        self.out = Path(config.out)
+        self.device = torch.device(config.device)
+        data = _load(config)
+        self.train_x, self.test_x, self.gray = (
+            None if x is None else x.to(self.device) for x in data
+        )
+        self.eval_x = _eval_subset(self.test_x, config.num_test)
+        pyro.clear_param_store()
+        pyro.set_rng_seed(config.seed)
+        self.num_data, self.x_dim = self.train_x.shape
+        self.steps_per_epoch = math.ceil(self.num_data / config.batch_size)
+        self.vae = build_vae(config, self.x_dim).to(self.device)
+        self.objective = build_objective(config, self.train_x, self.steps_per_epoch)
+        if isinstance(self.objective, torch.nn.Module):
+            self.objective.to(self.device)  # JSA's chains
+        self.optim = pyro.optim.Adam({"lr": config.lr})
+        self.svi = SVI(self.vae.model, self.vae.guide, self.optim, loss=self.objective)
+        self.epoch, self.rows = 0, []
+        if resume and (self.out / CHECKPOINT).exists():
+            self._resume()
+
+    def _resume(self) -> None:
+        extra = checkpoint.load(
+            self.out / CHECKPOINT,
+            optim=self.optim,
+            objective=self.objective,
+            map_location=self.device,
+        )
+        if extra["config"] != self.config.comparable():
+            changed = {
+                k: (extra["config"].get(k), v)
+                for k, v in self.config.comparable().items()
+                if extra["config"].get(k) != v
+            }
+            raise ValueError(
+                f"Cannot resume {self.out / CHECKPOINT}: settings differ (saved, given): {changed}"
+            )
+        self.epoch, self.rows = extra["epoch"], extra["rows"]
+
+    def _args(self, x: torch.Tensor, idx: torch.Tensor | None) -> tuple:
+        if self.config.objective == "fdiv":
+            return (x,)  # the bound's p̂ is the whole training set: no subsample scale
+        if self.config.objective == "jsa":
+            idx = torch.arange(len(x), device=x.device) if idx is None else idx
+            return (x, self.num_data, idx)
+        return (x, self.num_data)
+
+    def _epoch_data(self) -> torch.Tensor:
+        if self.gray is None:
+            return self.train_x
+        return torch.bernoulli(self.gray)  # dynamic binarization, from the global RNG
+
+    def step_losses(self) -> list[float]:
+        """Train one epoch; the per-step losses (per image, except fdiv's divergence bound)."""
+        data = self._epoch_data()
+        if self.config.objective == "fdiv" and self.gray is not None:
+            self.objective.data = data
+        order = torch.randperm(self.num_data).to(self.device)
+        losses = []
+        batches = range(0, self.num_data, self.config.batch_size)
+        desc = f"{self.config.objective} epoch {self.epoch + 1}"
+        # per image: the summed bounds are scaled to the data set; fdiv's bound is one number
+        per = 1 if self.config.objective == "fdiv" else self.num_data
+        for start in tqdm(batches, desc=desc, disable=not self.progress, leave=False):
+            idx = order[start : start + self.config.batch_size]
+            losses.append(self.svi.step(*self._args(data[idx], idx)) / per)
+        return losses
+
+    def test_log_likelihood(self, num_samples: int, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-image importance-sampling log-likelihood under the Bernoulli reading of the model."""
+        x = self.eval_x if x is None else x
+        model = self.vae.model
+        if self.vae.likelihood != "bernoulli":
+            model = _bernoulli_view(self.vae).model
+        with rng_preserved():
+            return log_likelihood(
+                model,
+                self.vae.gaussian_proposal(),
+                x,
+                num_samples=num_samples,
+                progress=self.progress,
+            )
+
+    def run(self) -> pd.DataFrame:
+        """Train until ``config.epochs``, logging and checkpointing each epoch."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        while self.epoch < self.config.epochs:
+            start = time.perf_counter()
+            losses = self.step_losses()
+            seconds = time.perf_counter() - start
+            self.epoch += 1
+            test_ll = self.test_log_likelihood(self.config.eval_samples)
+            previous = self.rows[-1]["seconds"] if self.rows else 0.0
+            self.rows.append(
+                {
+                    "epoch": self.epoch,
+                    "train_objective": -sum(losses) / len(losses),
+                    "test_log_lik": float(test_ll.mean()),
+                    "test_log_lik_se": float(test_ll.std() / math.sqrt(len(test_ll))),
+                    "seconds": previous + seconds,
+                }
+            )
+            self.save()
+        return pd.DataFrame(self.rows)
+
+    def save(self) -> None:
+        """Write the log and the checkpoint (atomically)."""
+        pd.DataFrame(self.rows).to_csv(self.out / LOG, index=False)
+        extra = {"epoch": self.epoch, "rows": self.rows, "config": self.config.comparable()}
+        checkpoint.save(
+            self.out / CHECKPOINT, optim=self.optim, objective=self.objective, extra=extra
+        )
+
+    def save_images(self, num: int = 64) -> None:
+        """``samples.png`` (decoder means of prior draws) and ``reconstructions.png``."""
+        with rng_preserved():
+            samples = self.vae.sample(num)
+            x = self.eval_x[: num // 2]
+            recon = self.vae.reconstruct(x)
+        side = math.isqrt(self.x_dim)
+        save_image_grid(samples.reshape(-1, side, side), self.out / "samples.png")
+        pairs = torch.stack([x, recon], 1).reshape(-1, side, side)
+        save_image_grid(pairs, self.out / "reconstructions.png")
+
+
+def save_image_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
+    """Gray images ``(n, h, w)`` with values in [0, 1] as one PNG grid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n, h, w = images.shape
+    rows = math.ceil(n / columns)
+    grid = torch.ones(rows * (h + 2), columns * (w + 2))
+    for i, image in enumerate(images.detach().cpu().float()):
+        r, c = divmod(i, columns)
+        grid[r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = image
+    plt.imsave(path, grid.numpy(), cmap="gray", vmin=0.0, vmax=1.0)
+
+
+def _bernoulli_view(vae: VAE) -> VAE:
+    """The same networks with a Bernoulli likelihood on the decoder's logits."""
+    view = VAE.__new__(VAE)
+    torch.nn.Module.__init__(view)
+    view.__dict__.update({k: v for k, v in vae.__dict__.items() if k != "_modules"})
+    view._modules = dict(vae._modules)
+    view.likelihood = "bernoulli"
+    return view
+
+
+def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> pd.DataFrame:
+    """Run :class:`Trainer` and save the image grids; returns the per-epoch log."""
+    trainer = Trainer(config, resume=resume, progress=progress)
+    log = trainer.run()
+    trainer.save_images()
+    return log
