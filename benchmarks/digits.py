@@ -79,7 +79,8 @@ def run(method: str, args: argparse.Namespace) -> dict:
     trainer = Trainer(config(method, args), resume=True, progress=not args.quiet)
     log = trainer.run()
     trainer.save_images()
-    final = Path(trainer.out) / f"final_epoch{trainer.epoch}.csv"
+    name = f"final_epoch{trainer.epoch}_k{args.eval_samples}_n{args.num_test}.csv"
+    final = Path(trainer.out) / name
     if final.exists():  # evaluated by an earlier invocation
         values = torch.tensor(pd.read_csv(final)["log_lik"].to_numpy())
     else:

@@ -1,6 +1,7 @@
-"""
-Checkpoints that let training resume exactly: Pyro's param store, the optimizer's state, the
-objective's state (AVB's discriminator, JSA's chains, a spread schedule) and every RNG.
+"""Checkpoints that let training resume exactly, written atomically.
+
+A checkpoint holds Pyro's param store, the optimizer's state, the objective's state (AVB's
+discriminator, JSA's chains, a spread schedule) and every RNG.
 
 A checkpoint is one :func:`torch.save` file written atomically: the bytes go to a temporary
 file in the same directory, are flushed to disk, and then replace the old file with
@@ -29,7 +30,7 @@ import pyro
 import pyro.util
 import torch
 
-__all__ = ["get_rng_state", "load", "save", "set_rng_state"]
+__all__ = ["get_rng_state", "load", "read", "restore", "save", "set_rng_state"]
 
 FORMAT_VERSION = 1
 
@@ -51,10 +52,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
 
 
 def _objective_state(objective: Any) -> dict | None:
@@ -94,11 +98,11 @@ def save(
     }
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(handle, 0o666 & ~_UMASK)  # mkstemp's 0600 → what open() would have made
         with os.fdopen(handle, "wb") as stream:
             torch.save(payload, stream)
             stream.flush()
             os.fsync(stream.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 → what open() would have made
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -106,25 +110,14 @@ def save(
     return path
 
 
-def load(
-    path: str | os.PathLike,
-    *,
-    optim: pyro.optim.PyroOptim | None = None,
-    objective: Any = None,
-    map_location: str | torch.device | None = None,
-) -> dict[str, Any]:
+def read(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> dict:
     """
-    Restore a checkpoint written by :func:`save` into the running process: the param store is
-    replaced, the optimizer's and the objective's states are loaded, and the RNGs are set.
+    The contents of a checkpoint written by :func:`save`, without applying them: a dict with
+    ``param_store``, ``optim``, ``objective``, ``rng`` and ``extra`` (e.g. to compare settings
+    saved in ``extra`` before :func:`restore` changes any global state).
 
-    Build the model, guide, optimizer and objective exactly as for the saved run first; the
-    optimizer's per-parameter states are applied when SVI next sees each parameter (Pyro's
-    :meth:`~pyro.optim.PyroOptim.set_state`).
-
-    :returns: the ``extra`` dict given to :func:`save`.
     :raises FileNotFoundError: when ``path`` does not exist.
-    :raises ValueError: when the file is not a pyro_fdiv checkpoint, or the objective's state
-        is missing or cannot be loaded into ``objective``.
+    :raises ValueError: when the file is not a pyro_fdiv checkpoint.
     """
     path = Path(path)
     if not path.exists():
@@ -135,7 +128,38 @@ def load(
         raise ValueError(f"{path} is not a pyro_fdiv checkpoint ({error})") from error
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path} is not a pyro_fdiv checkpoint (format {FORMAT_VERSION})")
-    pyro.get_param_store().set_state(payload["param_store"])
+    payload["path"] = str(path)
+    return payload
+
+
+def restore(
+    payload: dict,
+    *,
+    optim: pyro.optim.PyroOptim | None = None,
+    objective: Any = None,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """
+    Apply a checkpoint read by :func:`read`: Pyro's param store is cleared and refilled (its
+    tensors moved to ``device`` when given), the optimizer's and the objective's states are
+    loaded, and the RNGs are set.
+
+    The optimizer's per-parameter states are applied when SVI next sees each parameter (Pyro's
+    :meth:`~pyro.optim.PyroOptim.set_state`) and follow the parameter's device; the objective's
+    state is copied into its existing parameters and buffers. Modules registered with
+    :func:`pyro.module` receive the restored tensors at their next ``pyro.module(...,
+    update_module_params=True)`` call (or :meth:`pyro_fdiv.models.vae.VAE.sync_params`).
+
+    :returns: the ``extra`` dict given to :func:`save`.
+    :raises ValueError: when the optimizer's or the objective's state is missing or cannot be
+        loaded into ``objective``.
+    """
+    path = payload.get("path", "the checkpoint")
+    store = payload["param_store"]
+    if device is not None:
+        store = {**store, "params": {k: v.to(device) for k, v in store["params"].items()}}
+    pyro.clear_param_store()
+    pyro.get_param_store().set_state(store)
     if optim is not None:
         if payload["optim"] is None:
             raise ValueError(f"{path} holds no optimizer state; pass optim=None to skip it")
@@ -150,3 +174,23 @@ def load(
         objective.load_state_dict(state)
     set_rng_state(payload["rng"])
     return payload["extra"]
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    optim: pyro.optim.PyroOptim | None = None,
+    objective: Any = None,
+    map_location: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """
+    Restore a checkpoint written by :func:`save` into the running process: :func:`read` then
+    :func:`restore` (see there). Build the model, guide, optimizer and objective exactly as for
+    the saved run first.
+
+    :returns: the ``extra`` dict given to :func:`save`.
+    :raises FileNotFoundError: when ``path`` does not exist.
+    :raises ValueError: when the file is not a pyro_fdiv checkpoint, or the optimizer's or the
+        objective's state is missing or cannot be loaded into ``objective``.
+    """
+    return restore(read(path, map_location), optim=optim, objective=objective)

@@ -157,12 +157,16 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error(str(error))
     if args.threads:
         torch.set_num_threads(args.threads)
-    log = train(config, resume=args.resume)
+    try:
+        log = train(config, resume=args.resume)
+    except (FileNotFoundError, FileExistsError) as error:  # no data; a run already there
+        parser.error(str(error))
     print(log.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"written: {args.out / 'log.csv'}, checkpoint.pt, samples.png, reconstructions.png")
 
 
 def _add_train_parser(sub) -> argparse.ArgumentParser:
+    from pyro_fdiv.divergences import available_divergences
     from pyro_fdiv.models.vae import ARCHITECTURES
     from pyro_fdiv.train import DATASETS, OBJECTIVES
 
@@ -172,7 +176,7 @@ def _add_train_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("--num-particles", "-k", type=_positive_int, default=1)
     t.add_argument("--alpha", type=float, default=0.5, help="BB-α's alpha")
     t.add_argument("--gradient-estimator", choices=("reparam", "stl", "dreg"), default="reparam")
-    t.add_argument("--f", default="reverse_kl", help="fdiv's f-divergence")
+    t.add_argument("--f", choices=available_divergences(), default="reverse_kl", help="for fdiv")
     t.add_argument(
         "--spread",
         type=float,

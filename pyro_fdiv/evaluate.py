@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from pyro_fdiv.inference.importance import get_log_weights
+from pyro_fdiv.inference.importance import LogWeights, get_log_weights
 from pyro_fdiv.inference.iwae import IWAE
 from pyro_fdiv.inference.objective import check_integer, rng_preserved
 
@@ -44,6 +44,24 @@ def _max_plate_nesting(model: Callable, guide: Callable, args: tuple, kwargs: di
     finally:
         log.setLevel(level)
     return objective.max_plate_nesting
+
+
+def _per_data_point(weights: LogWeights, num_rows: int) -> torch.Tensor:
+    """``(K, num_rows)`` log weights: the shared plate over the data's rows kept, other shared
+    plates (e.g. pixels in a plate inside it) summed into each row."""
+    sizes = [frame.size for frame in weights.plates]
+    if num_rows not in sizes:
+        plates = [f"{frame.name!r} (size {frame.size})" for frame in weights.plates]
+        raise ValueError(
+            f"log_likelihood needs a plate over the data's first dimension (size {num_rows}) "
+            f"that every sample site shares; the shared plates are {plates or 'none'}. A latent "
+            "outside it (a global latent) couples the data points, so there is no "
+            "per-data-point likelihood: put the global latents in pyro.param, or estimate the "
+            "joint log p(x_1..x_n) with batch_size=len(data) and a model without that plate."
+        )
+    keep = 1 + sizes.index(num_rows)  # the outermost such plate
+    others = [d for d in range(1, weights.log_w.dim()) if d != keep]
+    return weights.log_w.sum(others) if others else weights.log_w
 
 
 @torch.no_grad()
@@ -76,7 +94,8 @@ def log_likelihood(
         ``batch_size × particle_chunk ≤ 20,000``).
     :param bool progress: show a progress bar over the batches.
     :returns: a tensor of shape ``(len(data),)``.
-    :raises ValueError: for bad sizes, or an implicit guide (named by its site).
+    :raises ValueError: for bad sizes, an implicit guide (named by its site), or no plate over
+        the data's first dimension shared by every site (global latents).
     """
     check_integer("num_samples", num_samples, 1)
     check_integer("batch_size", batch_size, 1)
@@ -93,8 +112,7 @@ def log_likelihood(
         for done in range(0, num_samples, particle_chunk):
             size = min(particle_chunk, num_samples - done)
             weights = get_log_weights(model, guide, batch_args, kwargs, size, max_plate_nesting)
-            log_w = weights.log_w.reshape(size, -1)
-            chunk = torch.logsumexp(log_w, dim=0)
+            chunk = torch.logsumexp(_per_data_point(weights, len(batch_args[0])), dim=0)
             total = chunk if total is None else torch.logaddexp(total, chunk)
         results.append(total - math.log(num_samples))
     return torch.cat(results)

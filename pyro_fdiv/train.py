@@ -1,6 +1,7 @@
-"""
-Train a VAE on binarized MNIST, MNIST or Omniglot with any objective of the package, with a CSV
-log, an atomic checkpoint each epoch, exact resume, test log-likelihood and image grids.
+"""Train a VAE on binarized MNIST, MNIST or Omniglot with any objective of the package.
+
+Each run keeps a CSV log, an atomic checkpoint each epoch (exact resume), the test
+log-likelihood and image grids.
 
 This is what ``pyro-fdiv train`` runs; :func:`train` is the same from Python::
 
@@ -45,6 +46,7 @@ from tqdm.auto import tqdm
 
 from pyro_fdiv import checkpoint
 from pyro_fdiv.data import load_dataset
+from pyro_fdiv.divergences import get_divergence
 from pyro_fdiv.evaluate import log_likelihood
 from pyro_fdiv.inference import (
     AVB,
@@ -54,10 +56,20 @@ from pyro_fdiv.inference import (
     FDivergenceBound,
     SpreadSchedule,
 )
-from pyro_fdiv.inference.objective import rng_preserved
+from pyro_fdiv.inference.iwae import GRADIENT_ESTIMATORS
+from pyro_fdiv.inference.objective import check_integer, rng_preserved
 from pyro_fdiv.models.vae import ARCHITECTURES, VAE
 
-__all__ = ["OBJECTIVES", "TrainConfig", "Trainer", "train"]
+__all__ = [
+    "DATASETS",
+    "OBJECTIVES",
+    "TrainConfig",
+    "Trainer",
+    "build_objective",
+    "build_vae",
+    "save_image_grid",
+    "train",
+]
 
 OBJECTIVES = ("elbo", "iwae", "bbalpha", "avb", "jsa", "fdiv")
 DATASETS = ("binarized-mnist", "mnist", "omniglot")
@@ -67,7 +79,7 @@ LOG = "log.csv"
 
 @dataclass
 class TrainConfig:
-    """
+    r"""
     Everything that defines a training run (saved in the checkpoint; a resumed run must match).
 
     :param str dataset: ``"binarized-mnist"`` (fixed binarization), ``"mnist"`` or
@@ -75,7 +87,7 @@ class TrainConfig:
     :param str objective: one of :data:`OBJECTIVES`.
     :param int num_particles: :math:`K` per data point (ELBO: averaged; AVB: guide samples;
         JSA: proposals per step; fdiv: samples per element of the batch).
-    :param float alpha: BB-α's :math:`\\alpha`.
+    :param float alpha: BB-α's :math:`\alpha`.
     :param str gradient_estimator: IWAE's ``"reparam"``, ``"stl"`` or ``"dreg"``.
     :param str f: the f-divergence of ``fdiv``.
     :param tuple spread: ``fdiv``'s spread schedule ``(start, end, anneal_epochs)``.
@@ -84,13 +96,13 @@ class TrainConfig:
     :param int batch_size: minibatch size.
     :param float lr: Adam's learning rate.
     :param int seed: the seed of everything.
-    :param str data_root: the data directory (default ``$PYRO_FDIV_DATA`` or the shared data).
+    :param str data_root: the data directory (default ``$PYRO_FDIV_DATA``).
     :param int num_train: use the first ``num_train`` training images (``None``: all).
     :param int num_test: test images evaluated after each epoch (``None``: all).
     :param int eval_samples: importance samples per test image after each epoch.
     :param str out: output directory (log, checkpoint, images).
     :param str device: where data, networks and the objective's state live (``"cpu"``,
-        ``"cuda"``, ``"cuda:1"``); a checkpoint resumes on the device it was written on.
+        ``"cuda"``, ``"cuda:1"``); a run may resume on another device.
     """
 
     dataset: str = "binarized-mnist"
@@ -122,15 +134,34 @@ class TrainConfig:
                 f"Expected architecture in {sorted(ARCHITECTURES)}, actual {self.architecture!r}"
             )
         for name in ("num_particles", "epochs", "batch_size", "eval_samples"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"Expected {name} >= 1, actual {getattr(self, name)!r}")
+            check_integer(name, getattr(self, name), 1)
+        for name in ("num_train", "num_test"):
+            if getattr(self, name) is not None:
+                check_integer(name, getattr(self, name), 1)
         if not self.lr > 0:
             raise ValueError(f"Expected lr > 0, actual {self.lr}")
+        if self.gradient_estimator not in GRADIENT_ESTIMATORS:
+            raise ValueError(
+                f"Expected gradient_estimator in {GRADIENT_ESTIMATORS}, "
+                f"actual {self.gradient_estimator!r}"
+            )
+        if not math.isfinite(self.alpha):
+            raise ValueError(f"Expected a finite alpha, actual {self.alpha}")
+        get_divergence(self.f)  # a ValueError naming the known ones
         self.spread = tuple(self.spread)
+        if len(self.spread) != 3:
+            raise ValueError(f"Expected spread (start, end, anneal_epochs), actual {self.spread}")
+        SpreadSchedule(self.spread[0], self.spread[1], max(1, int(self.spread[2])))
+        try:
+            torch.device(self.device)
+        except RuntimeError as error:
+            raise ValueError(f"Expected a torch device, actual {self.device!r}: {error}") from None
 
     def comparable(self) -> dict[str, Any]:
-        """The settings a resumed run must share with the saved one (not epochs or out)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("epochs", "out")}
+        """The settings a resumed run must share with the saved one: all but the number of
+        epochs and where the data, outputs and tensors are."""
+        free = ("epochs", "out", "data_root", "device")
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in free}
 
 
 def _load(config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -175,7 +206,9 @@ def build_vae(config: TrainConfig, x_dim: int) -> VAE:
     return VAE(x_dim=x_dim, name=config.objective, **kwargs)
 
 
-def build_objective(config: TrainConfig, train_x: torch.Tensor, steps_per_epoch: int):
+def build_objective(
+    config: TrainConfig, train_x: torch.Tensor, steps_per_epoch: int
+) -> pyro.infer.ELBO:
     """The loss given to SVI."""
     k, nesting = config.num_particles, 1  # the VAE has one plate, "data"
     if config.objective == "elbo":
@@ -222,16 +255,17 @@ class Trainer:
         self.optim = pyro.optim.Adam({"lr": config.lr})
         self.svi = SVI(self.vae.model, self.vae.guide, self.optim, loss=self.objective)
         self.epoch, self.rows = 0, []
-        if resume and (self.out / CHECKPOINT).exists():
+        if (self.out / CHECKPOINT).exists():
+            if not resume:
+                raise FileExistsError(
+                    f"{self.out} already holds a run ({CHECKPOINT}): resume it (resume=True, "
+                    "--resume) or choose another output directory"
+                )
             self._resume()
 
     def _resume(self) -> None:
-        extra = checkpoint.load(
-            self.out / CHECKPOINT,
-            optim=self.optim,
-            objective=self.objective,
-            map_location=self.device,
-        )
+        payload = checkpoint.read(self.out / CHECKPOINT)
+        extra = payload["extra"]
         if extra["config"] != self.config.comparable():
             changed = {
                 k: (extra["config"].get(k), v)
@@ -241,6 +275,8 @@ class Trainer:
             raise ValueError(
                 f"Cannot resume {self.out / CHECKPOINT}: settings differ (saved, given): {changed}"
             )
+        checkpoint.restore(payload, optim=self.optim, objective=self.objective, device=self.device)
+        self.vae.sync_params()
         self.epoch, self.rows = extra["epoch"], extra["rows"]
 
     def _args(self, x: torch.Tensor, idx: torch.Tensor | None) -> tuple:
@@ -275,9 +311,9 @@ class Trainer:
     def test_log_likelihood(self, num_samples: int, x: torch.Tensor | None = None) -> torch.Tensor:
         """Per-image importance-sampling log-likelihood under the Bernoulli reading of the model."""
         x = self.eval_x if x is None else x
-        model = self.vae.model
-        if self.vae.likelihood != "bernoulli":
-            model = _bernoulli_view(self.vae).model
+        model = (
+            self.vae.model if self.vae.likelihood == "bernoulli" else self.vae.as_bernoulli().model
+        )
         with rng_preserved():
             return log_likelihood(
                 model,
@@ -330,11 +366,8 @@ class Trainer:
 
 
 def save_image_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
-    """Gray images ``(n, h, w)`` with values in [0, 1] as one PNG grid."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Gray images ``(n, h, w)`` with values in [0, 1] as one PNG grid (1-pixel white gaps)."""
+    from matplotlib.image import imsave  # no pyplot: the user's backend is left alone
 
     n, h, w = images.shape
     rows = math.ceil(n / columns)
@@ -342,17 +375,7 @@ def save_image_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
     for i, image in enumerate(images.detach().cpu().float()):
         r, c = divmod(i, columns)
         grid[r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = image
-    plt.imsave(path, grid.numpy(), cmap="gray", vmin=0.0, vmax=1.0)
-
-
-def _bernoulli_view(vae: VAE) -> VAE:
-    """The same networks with a Bernoulli likelihood on the decoder's logits."""
-    view = VAE.__new__(VAE)
-    torch.nn.Module.__init__(view)
-    view.__dict__.update({k: v for k, v in vae.__dict__.items() if k != "_modules"})
-    view._modules = dict(vae._modules)
-    view.likelihood = "bernoulli"
-    return view
+    imsave(path, grid.numpy(), cmap="gray", vmin=0.0, vmax=1.0)
 
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> pd.DataFrame:

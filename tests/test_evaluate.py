@@ -111,3 +111,34 @@ def test_bad_arguments():
     for name, kwargs in [("num_samples", {"num_samples": 0}), ("batch_size", {"batch_size": 0})]:
         with pytest.raises(ValueError, match=name):
             log_likelihood(model, guide, x, **kwargs)
+
+
+def test_inner_plates_are_summed_into_each_row_and_global_latents_are_refused():
+    # one latent per pixel: z ~ N(0, 1), x | z ~ N(z, 1), so x ~ N(0, 2) per pixel and the
+    # posterior is N(x/2, 1/2); the pixel plate is shared by every site, the row plate outside
+    x = 2.0 * torch.randn(7, D)
+
+    def model(x):
+        with pyro.plate("data", x.shape[0], dim=-2), pyro.plate("pixels", D, dim=-1):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0], dim=-2), pyro.plate("pixels", D, dim=-1):
+            pyro.sample("z", dist.Normal(x / 2, 0.5**0.5))
+
+    estimate = log_likelihood(model, guide, x, num_samples=6, batch_size=3)
+    exact = dist.Normal(0.0, 2.0**0.5).log_prob(x).sum(-1)
+    assert estimate.shape == (7,)
+    torch.testing.assert_close(estimate, exact, rtol=0, atol=1e-10)
+
+    def global_model(x):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(w, 1.0), obs=x[:, 0])
+
+    def global_guide(x):
+        pyro.sample("w", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match="global latent"):
+        log_likelihood(global_model, global_guide, x, num_samples=3)

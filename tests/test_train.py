@@ -2,6 +2,8 @@
 checkpoints and resumes exactly. The data are conftest's synthetic binarized-MNIST file (4×4
 images from four noisy prototypes) in the layout of the real one: these tests need no data."""
 
+import gzip
+
 import numpy as np
 import pandas as pd
 import pyro
@@ -148,3 +150,49 @@ def test_bad_settings(kwargs, match):
 def test_missing_data_names_the_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="binarized_mnist"):
         Trainer(TrainConfig(data_root=str(tmp_path), out=str(tmp_path / "out")))
+
+
+def _write_idx(path, array) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_mnist_is_binarized_afresh_each_epoch_and_resumes_exactly(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "mnist").mkdir()
+    for split, n in (("train", 40), ("t10k", 20)):
+        _write_idx(
+            tmp_path / "mnist" / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 4, 4))
+        )
+        _write_idx(tmp_path / "mnist" / f"{split}-labels-idx1-ubyte.gz", np.zeros(n))
+    config = {"dataset": "mnist", "num_particles": 2, "batch_size": 10, "eval_samples": 5}
+    trainer = Trainer(_config("iwae", tmp_path, tmp_path / "a", epochs=2, **config), progress=False)
+    assert trainer.gray is not None and ((trainer.gray > 0) & (trainer.gray < 1)).any()
+    first, second = trainer._epoch_data(), trainer._epoch_data()
+    assert set(first.unique().tolist()) == {0.0, 1.0} and not torch.equal(first, second)
+    # the test set is binarized once, with a fixed seed: the same in every run
+    again = Trainer(_config("iwae", tmp_path, tmp_path / "b", **config), progress=False)
+    assert torch.equal(trainer.test_x, again.test_x)
+    assert set(trainer.test_x.unique().tolist()) == {0.0, 1.0}
+    log = Trainer(
+        _config("iwae", tmp_path, tmp_path / "c", epochs=2, **config), progress=False
+    ).run()
+    Trainer(_config("iwae", tmp_path, tmp_path / "d", epochs=1, **config), progress=False).run()
+    resumed = Trainer(
+        _config("iwae", tmp_path, tmp_path / "d", epochs=2, **config), resume=True
+    ).run()
+    assert resumed.train_objective.tolist() == log.train_objective.tolist()
+
+
+def test_finished_run_resumes_with_its_trained_networks_and_is_not_overwritten(data_root, tmp_path):
+    config = _config("avb", data_root, tmp_path, epochs=1)
+    trainer = Trainer(config, progress=False)
+    trainer.run()
+    expected = trainer.test_log_likelihood(20)
+    again = Trainer(config, resume=True, progress=False)
+    assert len(again.run()) == 1  # nothing left to train
+    # the restored networks, not freshly initialized ones, feed the implicit encoder's proposal
+    torch.testing.assert_close(again.test_log_likelihood(20), expected, rtol=0, atol=0)
+    with pytest.raises(FileExistsError, match="resume"):
+        Trainer(config, progress=False)

@@ -10,8 +10,8 @@ import pyro
 import torch
 from pyro.infer.elbo import ELBO
 from pyro.infer.util import is_validation_enabled
-from pyro.util import get_rng_state, set_rng_state
 
+from pyro_fdiv.checkpoint import get_rng_state, set_rng_state
 from pyro_fdiv.inference.importance import (
     LogWeights,
     check_flag,

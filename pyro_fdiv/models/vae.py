@@ -13,7 +13,8 @@ every objective of :mod:`pyro_fdiv.inference` accepts unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Callable, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -118,11 +119,13 @@ class ImplicitEncoder(nn.Module):
 
     .. math::
 
-        z = g_\phi(x, \epsilon) = \mathrm{MLP}_\phi([x, \epsilon]) + A_\phi(x)\, \epsilon,
+        h = \mathrm{MLP}_\phi([x, \epsilon]), \qquad
+        z = g_\phi(x, \epsilon) = W_\mu h + \mathrm{softplus}(W_s h) \odot A \epsilon,
 
-    where the linear-in-noise term (its matrix predicted from :math:`x`, diagonal here) gives a
-    Gaussian-like start and the MLP on the concatenation makes :math:`q_\phi(z \mid x)` any
-    distribution; its density is never needed (Mescheder et al. 2017, section 3).
+    where the linear map :math:`A` of the noise, scaled elementwise by a function of
+    :math:`(x, \epsilon)`, gives a Gaussian-like start and the MLP on the concatenation makes
+    :math:`q_\phi(z \mid x)` any distribution; its density is never needed (Mescheder et al.
+    2017, section 3).
 
     :param int x_dim: dimension of an observation.
     :param hidden_dim: hidden width(s).
@@ -334,23 +337,49 @@ class VAE(nn.Module):
             )
             implicit_sample("z", self.encoder(x, eps), event_dim=1)
 
-    def gaussian_proposal(self, num_fit: int = 500, inflate: float = 1.2):
+    def sync_params(self) -> None:
+        """Put the param store's tensors into the networks (after a checkpoint was restored):
+        what the next :meth:`model`/:meth:`guide` call does anyway, for direct network use."""
+        pyro.module(f"{self.name}_encoder", self.encoder, update_module_params=True)
+        pyro.module(f"{self.name}_decoder", self.decoder, update_module_params=True)
+
+    def as_bernoulli(self) -> VAE:
+        """The same networks (shared, not copied) read with a Bernoulli likelihood on the
+        decoder's logits: how a Gaussian-decoder VAE is evaluated on binary data."""
+        view = copy.copy(self)  # a shallow copy: same modules, parameters and names
+        view.likelihood = "bernoulli"
+        return view
+
+    def gaussian_proposal(self, num_fit: int = 500, inflate: float = 1.2) -> Callable:
         r"""
         A guide with a density for importance sampling with an implicit encoder: per data point
         a diagonal Gaussian :math:`\mathcal{N}(m_n, (c\, s_n)^2)` whose moments
         :math:`m_n, s_n` are fitted to ``num_fit`` draws of :math:`q_\phi(z \mid x_n)`, widened
         by ``inflate`` :math:`= c` (lighter tails than the target make weights heavy-tailed).
-        For the Gaussian encoder it returns :meth:`guide` unchanged.
+        The fit is made once per batch tensor and reused while the same tensor is passed (as
+        :func:`~pyro_fdiv.evaluate.log_likelihood` does for its particle chunks); make a new
+        proposal after training further. For the Gaussian encoder it returns :meth:`guide`.
         """
         if self.encoder_type == "gaussian":
             return self.guide
         check_integer("num_fit", num_fit, 2)
+        if not inflate > 0:
+            raise ValueError(f"Expected inflate > 0, actual {inflate}")
+        cache: dict[str, torch.Tensor] = {}
 
-        def proposal(x: torch.Tensor, num_data: int | None = None, idx=None) -> None:
-            with torch.no_grad():
-                eps = torch.randn(num_fit, *x.shape[:-1], self.encoder.noise_dim).to(x)
-                z = self.encoder(x, eps)
-                loc, scale = z.mean(0), z.std(0) * inflate + 1e-4
+        def fit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if cache.get("x") is not x:
+                with torch.no_grad():
+                    self.sync_params()
+                    shape = (num_fit, *x.shape[:-1], self.encoder.noise_dim)
+                    z = self.encoder(x, torch.randn(shape, dtype=x.dtype, device=x.device))
+                cache.update(x=x, loc=z.mean(0), scale=z.std(0) * inflate + 1e-4)
+            return cache["loc"], cache["scale"]
+
+        def proposal(
+            x: torch.Tensor, num_data: int | None = None, idx: torch.Tensor | None = None
+        ) -> None:
+            loc, scale = fit(x)
             with self._data_plate(x, num_data, idx):
                 pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
@@ -359,15 +388,18 @@ class VAE(nn.Module):
     @torch.no_grad()
     def sample(self, num_samples: int) -> torch.Tensor:
         """Pixel means (probabilities) of ``num_samples`` images drawn from the model."""
+        self.sync_params()
         weight = self.decoder.fc_logits.weight
         z = torch.randn(num_samples, self.z_dim, dtype=weight.dtype, device=weight.device)
         return torch.sigmoid(self.decoder(z))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Pixel means of the decoder at one encoder draw per image (the mean for Gaussian)."""
+        """Pixel means of the decoder at the encoder's mean (Gaussian) or one draw (implicit)."""
+        self.sync_params()
         if self.encoder_type == "gaussian":
             z = self.encoder(x)[0]
         else:
-            z = self.encoder(x, torch.randn(*x.shape[:-1], self.encoder.noise_dim).to(x))
+            shape = (*x.shape[:-1], self.encoder.noise_dim)
+            z = self.encoder(x, torch.randn(shape, dtype=x.dtype, device=x.device))
         return torch.sigmoid(self.decoder(z))
