@@ -60,7 +60,7 @@ def train(f: str, data: torch.Tensor, args) -> tuple[LatentGenerator, list[float
 def plot(results: dict, data: torch.Tensor, centres: torch.Tensor, path: Path) -> None:
     """Model samples in the ring's plane (top) and latent codes of the data (bottom)."""
     basis = torch.linalg.svd(centres - centres.mean(0), full_matrices=False)[2][:2].T
-    fig, axes = plt.subplots(2, len(results), figsize=(4 * len(results), 8))
+    fig, axes = plt.subplots(2, len(results), figsize=(4 * len(results), 8), squeeze=False)
     colours = plt.cm.tab10(np.arange(len(centres)))
     labels = torch.cdist(data, centres).argmin(-1)
     for col, (f, (net, samples)) in enumerate(results.items()):

@@ -47,7 +47,10 @@ def get_rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore the generators saved by :func:`get_rng_state` (generator states are CPU byte
     tensors, also after a ``map_location`` moved the checkpoint)."""
-    pyro.util.set_rng_state({**state, "torch": state["torch"].cpu()})
+    state = {**state, "torch": state["torch"].cpu()}
+    if "python" in state:  # checkpoints of 0.1.0.dev0 named Python's generator "python"
+        state["random"] = state["python"]
+    pyro.util.set_rng_state(state)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 

@@ -74,6 +74,8 @@ __all__ = [
 OBJECTIVES = ("elbo", "iwae", "bbalpha", "avb", "jsa", "fdiv")
 DATASETS = ("binarized-mnist", "mnist", "omniglot")
 CHECKPOINT = "checkpoint.pt"
+#: settings a resumed run may change
+FREE_SETTINGS = ("epochs", "out", "data_root", "device")
 LOG = "log.csv"
 
 
@@ -160,8 +162,7 @@ class TrainConfig:
     def comparable(self) -> dict[str, Any]:
         """The settings a resumed run must share with the saved one: all but the number of
         epochs and where the data, outputs and tensors are."""
-        free = ("epochs", "out", "data_root", "device")
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in free}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in FREE_SETTINGS}
 
 
 def _load(config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -266,11 +267,13 @@ class Trainer:
     def _resume(self) -> None:
         payload = checkpoint.read(self.out / CHECKPOINT)
         extra = payload["extra"]
-        if extra["config"] != self.config.comparable():
+        given = self.config.comparable()
+        saved = {k: v for k, v in extra["config"].items() if k not in FREE_SETTINGS}
+        if saved != given:
             changed = {
-                k: (extra["config"].get(k), v)
-                for k, v in self.config.comparable().items()
-                if extra["config"].get(k) != v
+                k: (saved.get(k), given.get(k))
+                for k in sorted(saved.keys() | given.keys())
+                if saved.get(k) != given.get(k)
             }
             raise ValueError(
                 f"Cannot resume {self.out / CHECKPOINT}: settings differ (saved, given): {changed}"

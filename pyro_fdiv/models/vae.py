@@ -350,12 +350,14 @@ class VAE(nn.Module):
         view.likelihood = "bernoulli"
         return view
 
-    def gaussian_proposal(self, num_fit: int = 500, inflate: float = 1.2) -> Callable:
+    def gaussian_proposal(self, num_fit: int = 500, widen: float = 1.0) -> Callable:
         r"""
         A guide with a density for importance sampling with an implicit encoder: per data point
-        a diagonal Gaussian :math:`\mathcal{N}(m_n, (c\, s_n)^2)` whose moments
-        :math:`m_n, s_n` are fitted to ``num_fit`` draws of :math:`q_\phi(z \mid x_n)`, widened
-        by ``inflate`` :math:`= c` (lighter tails than the target make weights heavy-tailed).
+        a diagonal Gaussian :math:`\mathcal{N}(m_n, (c\, s_n)^2)` whose moments :math:`m_n,
+        s_n` are those of ``num_fit`` draws of :math:`q_\phi(z \mid x_n)`, widened by
+        ``widen`` :math:`= c`. Any such proposal keeps the estimate a stochastic lower bound on
+        :math:`\log p_\theta(x_n)`; the closer it is to the model's posterior, the tighter.
+
         The fit is made once per batch tensor and reused while the same tensor is passed (as
         :func:`~pyro_fdiv.evaluate.log_likelihood` does for its particle chunks); make a new
         proposal after training further. For the Gaussian encoder it returns :meth:`guide`.
@@ -363,8 +365,8 @@ class VAE(nn.Module):
         if self.encoder_type == "gaussian":
             return self.guide
         check_integer("num_fit", num_fit, 2)
-        if not inflate > 0:
-            raise ValueError(f"Expected inflate > 0, actual {inflate}")
+        if not widen > 0:
+            raise ValueError(f"Expected widen > 0, actual {widen}")
         cache: dict[str, torch.Tensor] = {}
 
         def fit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -373,7 +375,7 @@ class VAE(nn.Module):
                     self.sync_params()
                     shape = (num_fit, *x.shape[:-1], self.encoder.noise_dim)
                     z = self.encoder(x, torch.randn(shape, dtype=x.dtype, device=x.device))
-                cache.update(x=x, loc=z.mean(0), scale=z.std(0) * inflate + 1e-4)
+                cache.update(x=x, loc=z.mean(0), scale=widen * (z.std(0) + 1e-4))
             return cache["loc"], cache["scale"]
 
         def proposal(
