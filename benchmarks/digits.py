@@ -37,6 +37,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import torch
 
@@ -108,10 +109,17 @@ def run(method: str, args: argparse.Namespace) -> dict:
 
 
 def plot(args: argparse.Namespace, methods: list[str]) -> None:
+    logs = {method: pd.read_csv(args.out / method / "log.csv") for method in methods}
+    finals = np.array([log.test_log_lik.iloc[-1] for log in logs.values()])
+    # the axis spans the methods within 100 nats of the median; others are named as off scale
+    inside = finals[finals > np.median(finals) - 100]
+    low, high = inside.min() - 40, inside.max() + 10
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for method in methods:
-        log = pd.read_csv(args.out / method / "log.csv")
-        ax.plot(log.epoch, log.test_log_lik, marker="o", label=method)
+    for method, log in logs.items():
+        last = log.test_log_lik.iloc[-1]
+        label = method if last >= low else f"{method} (off scale, last {last:.0f})"
+        ax.plot(log.epoch, log.test_log_lik, marker="o", label=label)
+    ax.set_ylim(low, high)
     ax.set(
         xlabel="epoch",
         ylabel="test log-likelihood (nats)",

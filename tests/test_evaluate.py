@@ -96,13 +96,19 @@ def test_implicit_guide_is_refused_and_its_gaussian_proposal_works():
     proposal = vae.gaussian_proposal(num_fit=20_000, widen=1.5, shrinkage=0.0)
     values = log_likelihood(vae.model, proposal, x, num_samples=200)
     assert values.shape == (5,) and torch.isfinite(values).all()
-    # its moments are those of the encoder's draws, the covariance widened by `widen`²
+    # a defensive mixture of the fitted full-covariance Gaussian and a diagonal one twice as
+    # wide, both widened by `widen`, each with the encoder draws' mean
     fn = pyro.poutine.trace(proposal).get_trace(x).nodes["z"]["fn"]
     draws = vae.encoder(x, torch.randn(20_000, 5, vae.encoder.noise_dim))
     centred = draws - draws.mean(0)
     cov = torch.einsum("sbi,sbj->bij", centred, centred) / 20_000
-    torch.testing.assert_close(fn.loc, draws.mean(0), rtol=0, atol=0.03)
-    torch.testing.assert_close(fn.covariance_matrix, 1.5**2 * cov, rtol=0.05, atol=0.01)
+    components = fn.component_distribution
+    torch.testing.assert_close(fn.mixture_distribution.probs, torch.full((5, 2), 0.5))
+    torch.testing.assert_close(components.loc[:, 0], draws.mean(0), rtol=0, atol=0.03)
+    torch.testing.assert_close(components.loc[:, 1], components.loc[:, 0])
+    full, wide = components.covariance_matrix.unbind(-3)
+    torch.testing.assert_close(full, 1.5**2 * cov, rtol=0.05, atol=0.01)
+    torch.testing.assert_close(wide, torch.diag_embed(4 * torch.diagonal(full, dim1=-2, dim2=-1)))
 
 
 def test_bad_arguments():

@@ -32,7 +32,7 @@ def _config(objective, data_root, out, **kwargs) -> TrainConfig:
         "lr": 0.01,
         "epochs": 2,
         "num_test": 40,
-        "eval_samples": 20,
+        "eval_samples": 100,
         "data_root": str(data_root),
         "out": str(out),
         **SETTINGS[objective],

@@ -355,14 +355,23 @@ class VAE(nn.Module):
     ) -> Callable:
         r"""
         A guide with a density for importance sampling with an implicit encoder: per data point
-        a full-covariance Gaussian :math:`\mathcal{N}(m_n, c^2 S_n)` fitted to ``num_fit``
-        draws of :math:`q_\phi(z \mid x_n)`, with the sample covariance shrunk towards its
-        diagonal, :math:`S_n = (1 - \lambda) \hat\Sigma_n + \lambda\, \mathrm{diag}
-        \hat\Sigma_n` (``shrinkage`` :math:`= \lambda`), widened by ``widen`` :math:`= c`. Any
-        such proposal keeps the estimate a stochastic lower bound on :math:`\log p_\theta(x_n)`;
-        the closer it is to the model's posterior, the tighter. The covariance matters: an AVB
-        model's posteriors are strongly correlated (on binarized MNIST a diagonal fit gave
-        -149.5 nats where this one gives -111.3, 100 test images, 1,000 samples).
+        the defensive mixture (Hesterberg 1995)
+
+        .. math::
+
+            \tfrac12\, \mathcal{N}(m_n, c^2 S_n) + \tfrac12\, \mathcal{N}(m_n, 4 c^2\,
+            \mathrm{diag}\, \hat\Sigma_n)
+
+        of a full-covariance Gaussian fitted to ``num_fit`` draws of :math:`q_\phi(z \mid x_n)`
+        (sample covariance shrunk towards its diagonal, :math:`S_n = (1 - \lambda)
+        \hat\Sigma_n + \lambda\, \mathrm{diag}\, \hat\Sigma_n`, ``shrinkage`` :math:`=
+        \lambda`) and a diagonal one twice as wide; ``widen`` :math:`= c` scales both. Any
+        proposal keeps the estimate a stochastic lower bound on :math:`\log p_\theta(x_n)`;
+        the closer it is to the model's posterior, the tighter. Each component alone fails
+        somewhere: an AVB model's posteriors on binarized MNIST are strongly correlated (a
+        diagonal fit alone gave -149.5 nats where the full one gives -111.3), while an encoder
+        narrower than the posterior needs the wide one; the mixture's weights are at most twice
+        those of the better component.
 
         The fit is made once per batch tensor and reused while the same tensor is passed (as
         :func:`~pyro_fdiv.evaluate.log_likelihood` does for its particle chunks); make a new
@@ -387,16 +396,21 @@ class VAE(nn.Module):
                     cov = torch.einsum("s...i,s...j->...ij", centred, centred) / (num_fit - 1)
                     diag = torch.diagonal(cov, dim1=-2, dim2=-1)
                     cov = (1 - shrinkage) * cov + torch.diag_embed(shrinkage * diag + 1e-8)
-                    scale_tril = widen * torch.linalg.cholesky(cov)
-                cache.update(x=x, loc=loc, scale_tril=scale_tril)
+                    full = widen * torch.linalg.cholesky(cov)
+                    wide = torch.diag_embed(2 * widen * (diag + 1e-8).sqrt())
+                cache.update(x=x, loc=loc, scale_tril=torch.stack([full, wide], -3))
             return cache["loc"], cache["scale_tril"]
 
         def proposal(
             x: torch.Tensor, num_data: int | None = None, idx: torch.Tensor | None = None
         ) -> None:
             loc, scale_tril = fit(x)
+            components = dist.MultivariateNormal(
+                loc.unsqueeze(-2).expand(scale_tril.shape[:-1]), scale_tril=scale_tril
+            )
+            mixing = dist.Categorical(logits=loc.new_zeros(scale_tril.shape[:-2]))
             with self._data_plate(x, num_data, idx):
-                pyro.sample("z", dist.MultivariateNormal(loc, scale_tril=scale_tril))
+                pyro.sample("z", dist.MixtureSameFamily(mixing, components))
 
         return proposal
 
