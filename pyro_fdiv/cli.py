@@ -145,8 +145,8 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         k: getattr(args, k)
         for k in (
             "dataset", "objective", "num_particles", "alpha", "gradient_estimator", "f",
-            "architecture", "epochs", "batch_size", "lr", "seed", "num_train", "num_test",
-            "eval_samples", "device",
+            "log_density", "architecture", "epochs", "batch_size", "lr", "seed", "num_train",
+            "num_test", "eval_samples", "device",
         )
     }  # fmt: skip
     try:
@@ -177,6 +177,7 @@ def _add_train_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("--alpha", type=float, default=0.5, help="BB-α's alpha")
     t.add_argument("--gradient-estimator", choices=("reparam", "stl", "dreg"), default="reparam")
     t.add_argument("--f", choices=available_divergences(), default="reverse_kl", help="for fdiv")
+    t.add_argument("--log-density", choices=("exact", "pca"), default="exact", help="for fdiv")
     t.add_argument(
         "--spread",
         type=float,

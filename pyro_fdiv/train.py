@@ -92,6 +92,8 @@ class TrainConfig:
     :param float alpha: BB-α's :math:`\alpha`.
     :param str gradient_estimator: IWAE's ``"reparam"``, ``"stl"`` or ``"dreg"``.
     :param str f: the f-divergence of ``fdiv``.
+    :param str log_density: ``fdiv``'s data density: ``"exact"`` (all training images per
+        step) or ``"pca"`` (the paper's estimator, reverse KL only).
     :param tuple spread: ``fdiv``'s spread schedule ``(start, end, anneal_epochs)``.
     :param str architecture: a key of :data:`~pyro_fdiv.models.vae.ARCHITECTURES`.
     :param int epochs: passes over the training set.
@@ -113,6 +115,7 @@ class TrainConfig:
     alpha: float = 0.5
     gradient_estimator: str = "reparam"
     f: str = "reverse_kl"
+    log_density: str = "exact"
     spread: tuple[float, float, int] = (0.5, 0.1, 5)
     architecture: str = "iwae"
     epochs: int = 10
@@ -150,6 +153,8 @@ class TrainConfig:
         if not math.isfinite(self.alpha):
             raise ValueError(f"Expected a finite alpha, actual {self.alpha}")
         get_divergence(self.f)  # a ValueError naming the known ones
+        if self.log_density not in ("exact", "pca"):
+            raise ValueError(f"Expected log_density 'exact' or 'pca', actual {self.log_density!r}")
         self.spread = tuple(self.spread)
         if len(self.spread) != 3:
             raise ValueError(f"Expected spread (start, end, anneal_epochs), actual {self.spread}")
@@ -225,7 +230,12 @@ def build_objective(
     start, end, anneal_epochs = config.spread
     schedule = SpreadSchedule(start, end, max(1, int(anneal_epochs * steps_per_epoch)))
     return FDivergenceBound(
-        config.f, data=train_x, spread=schedule, num_particles=k, max_plate_nesting=nesting
+        config.f,
+        data=train_x,
+        spread=schedule,
+        num_particles=k,
+        log_density=config.log_density,
+        max_plate_nesting=nesting,
     )
 
 
@@ -268,7 +278,10 @@ class Trainer:
         payload = checkpoint.read(self.out / CHECKPOINT)
         extra = payload["extra"]
         given = self.config.comparable()
-        saved = {k: v for k, v in extra["config"].items() if k not in FREE_SETTINGS}
+        # settings added after the checkpoint was written count as their defaults
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        saved = {k: defaults[k] for k in given} | extra["config"]
+        saved = {k: v for k, v in saved.items() if k not in FREE_SETTINGS}
         if saved != given:
             changed = {
                 k: (saved.get(k), given.get(k))
