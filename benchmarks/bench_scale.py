@@ -86,12 +86,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if args.smoke:
         batches, latents, args.rounds = (8, 16), (4, 8), 2
     x = torch.from_numpy(load_batch(DEFAULT_DATA, max(batches)))
-    rows = []
-    for batch in batches:
-        rows += measure(batch, 20 if not args.smoke else 4, x, args.rounds)
-    for z_dim in latents:
-        rows += measure(128 if not args.smoke else 8, z_dim, x, args.rounds)
-    table = pd.DataFrame(rows).drop_duplicates(["batch", "z_dim", "method"])
+    base_batch, base_z = (8, 4) if args.smoke else (128, 20)
+    # the batch sweep at the base latent size, then the latent sweep at the base batch size;
+    # dict.fromkeys drops the point the two sweeps share
+    sizes = dict.fromkeys([(b, base_z) for b in batches] + [(base_batch, z) for z in latents])
+    rows = [row for batch, z_dim in sizes for row in measure(batch, z_dim, x, args.rounds)]
+    table = pd.DataFrame(rows)
     wide = table.pivot_table(
         index=["batch", "z_dim"], columns="method", values=["median_ms", "graph_mib"]
     )

@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pyro_fdiv.data import fixed_subset
 from pyro_fdiv.train import TrainConfig, Trainer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,10 +87,7 @@ def run(method: str, args: argparse.Namespace) -> dict:
         values = torch.tensor(pd.read_csv(final)["log_lik"].to_numpy())
     else:
         start = time.perf_counter()
-        x = trainer.test_x
-        if args.num_test < len(x):
-            generator = torch.Generator().manual_seed(4321)
-            x = x[torch.randperm(len(x), generator=generator)[: args.num_test]]
+        x = fixed_subset(trainer.test_x, args.num_test, seed=4321)  # not the curves' subset
         values = trainer.test_log_likelihood(args.eval_samples, x)
         pd.DataFrame({"log_lik": values.numpy()}).to_csv(final, index=False)
         print(f"{method}: evaluated in {time.perf_counter() - start:.0f} s", flush=True)

@@ -48,6 +48,7 @@ import torch
 from pyro.infer import SVI
 from tqdm.auto import tqdm
 
+from pyro_fdiv.data import fixed_subset
 from pyro_fdiv.inference import IWAE, JSA
 from pyro_fdiv.models.sbn import SBN
 
@@ -64,14 +65,6 @@ def load(path: Path, smoke: bool) -> dict[str, torch.Tensor]:
                   "test": arrays["test"][:100]}  # fmt: skip
     dtype = torch.get_default_dtype()
     return {split: torch.from_numpy(a).to(dtype) for split, a in arrays.items()}
-
-
-def subset(x: torch.Tensor, size: int) -> torch.Tensor:
-    """A fixed random subset (the files are not shuffled: the first test images are bolder)."""
-    if size >= len(x):
-        return x
-    generator = torch.Generator().manual_seed(1234)
-    return x[torch.randperm(len(x), generator=generator)[:size]]
 
 
 def evaluate(sbn: SBN, x: torch.Tensor, num_samples: int, batch: int = 100) -> tuple[float, float]:
@@ -108,7 +101,7 @@ def train(args, data: dict[str, torch.Tensor], method: str) -> tuple[SBN, dict, 
     else:
         loss = IWAE(num_particles=args.num_particles + 1)  # the same number of model passes
     svi = SVI(sbn.model, sbn.guide, pyro.optim.Adam({"lr": args.lr}), loss=loss)
-    curve_x = subset(data["test"], 500)
+    curve_x = fixed_subset(data["test"], 500)
     rows = []
     seconds = 0.0  # training time, evaluations excluded
     for epoch in range(1, args.epochs + 1):
@@ -197,9 +190,9 @@ def main(argv=None) -> pd.DataFrame:
         models[method] = sbn
         curves.append(curve)
         start = time.perf_counter()
-        test = subset(data["test"], args.num_test)
+        test = fixed_subset(data["test"], args.num_test)
         test_ll, test_se = evaluate(sbn, test, args.eval_samples)
-        train_subset = subset(data["train"], 1000)
+        train_subset = fixed_subset(data["train"], 1000)
         train_ll, train_se = evaluate(sbn, train_subset, args.eval_samples)
         row = {
             "method": method,

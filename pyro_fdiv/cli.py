@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -141,18 +142,12 @@ def _run_eight_schools(args: argparse.Namespace, parser: argparse.ArgumentParser
 def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     from pyro_fdiv.train import TrainConfig, train
 
-    options = {
-        k: getattr(args, k)
-        for k in (
-            "dataset", "objective", "num_particles", "alpha", "gradient_estimator", "f",
-            "log_density", "architecture", "epochs", "batch_size", "lr", "seed", "num_train",
-            "num_test", "eval_samples", "device",
-        )
-    }  # fmt: skip
+    # every setting has the option of its name, except these three
+    special = {"spread": tuple(args.spread), "data_root": args.data, "out": str(args.out)}
+    names = [field.name for field in dataclasses.fields(TrainConfig)]
+    options = {name: special[name] if name in special else getattr(args, name) for name in names}
     try:
-        config = TrainConfig(
-            **options, spread=tuple(args.spread), data_root=args.data, out=str(args.out)
-        )
+        config = TrainConfig(**options)
     except ValueError as error:
         parser.error(str(error))
     if args.threads:

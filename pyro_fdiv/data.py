@@ -27,6 +27,7 @@ import torch
 __all__ = [
     "DATA_ENV",
     "dynamic_binarize",
+    "fixed_subset",
     "load_binarized_mnist",
     "load_dataset",
     "load_mnist",
@@ -87,6 +88,16 @@ def dynamic_binarize(x: torch.Tensor, generator: torch.Generator | None = None) 
     """One Bernoulli draw per pixel with the grey level as probability (a fresh binarization
     each call: "dynamic binarization", Burda et al. 2016)."""
     return torch.bernoulli(x, generator=generator)
+
+
+def fixed_subset(x: torch.Tensor, size: int | None, seed: int = 1234) -> torch.Tensor:
+    """``size`` rows of ``x`` chosen at random by a generator seeded with ``seed``, the same in
+    every run (all of ``x`` when ``size`` is ``None`` or not smaller). For evaluation subsets:
+    the files are not shuffled, and the first MNIST test images are bolder than the rest."""
+    if size is None or size >= len(x):
+        return x
+    generator = torch.Generator().manual_seed(seed)
+    return x[torch.randperm(len(x), generator=generator)[:size]]
 
 
 def _binarize(x: torch.Tensor, binarize: str | None, seed: int) -> torch.Tensor:
@@ -205,15 +216,7 @@ def load_omniglot(
         with np.load(path) as archive:
             keep = archive["drawer"] < 15 if split == "train" else archive["drawer"] >= 15
             x = _tensor(archive["images"][keep], dtype) / 255.0
-    if binarize == "threshold":
-        x = (x > 0.5).to(x.dtype)
-    elif binarize == "dynamic":
-        x = dynamic_binarize(x, torch.Generator().manual_seed(seed))
-    elif binarize is not None:
-        raise ValueError(
-            f"Expected binarize in (None, 'dynamic', 'threshold'), actual {binarize!r}"
-        )
-    return x
+    return _binarize(x, binarize, seed)
 
 
 def load_dataset(name: str, root=None, split: str = "train", **kwargs) -> torch.Tensor:

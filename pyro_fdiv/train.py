@@ -45,7 +45,7 @@ from pyro.infer import SVI, Trace_ELBO
 from tqdm.auto import tqdm
 
 from pyro_fdiv import checkpoint
-from pyro_fdiv.data import load_dataset
+from pyro_fdiv.data import dynamic_binarize, fixed_subset, load_dataset
 from pyro_fdiv.divergences import get_divergence
 from pyro_fdiv.evaluate import log_likelihood
 from pyro_fdiv.inference import (
@@ -183,8 +183,8 @@ def _load(config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
         test_gray = load_dataset(name, config.data_root, "test", dtype=dtype)
         # a fixed binarization of the test set, so every epoch and objective sees the same one
         generator = torch.Generator().manual_seed(123)
-        test_x = torch.bernoulli(test_gray, generator=generator)
-        train_x = torch.bernoulli(gray, generator=generator)
+        test_x = dynamic_binarize(test_gray, generator)
+        train_x = dynamic_binarize(gray, generator)
     train_x, test_x = train_x.reshape(len(train_x), -1), test_x.reshape(len(test_x), -1)
     if config.num_train is not None:
         train_x = train_x[: config.num_train]
@@ -192,14 +192,6 @@ def _load(config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     if gray is not None:
         gray = gray.reshape(len(gray), -1)
     return train_x, test_x, gray
-
-
-def _eval_subset(test_x: torch.Tensor, size: int | None) -> torch.Tensor:
-    """A fixed random subset (the files are not shuffled: the first test images are bolder)."""
-    if size is None or size >= len(test_x):
-        return test_x
-    generator = torch.Generator().manual_seed(1234)
-    return test_x[torch.randperm(len(test_x), generator=generator)[:size]]
 
 
 def build_vae(config: TrainConfig, x_dim: int) -> VAE:
@@ -254,13 +246,13 @@ class Trainer:
         self.train_x, self.test_x, self.gray = (
             None if x is None else x.to(self.device) for x in data
         )
-        self.eval_x = _eval_subset(self.test_x, config.num_test)
+        self.eval_x = fixed_subset(self.test_x, config.num_test)
         pyro.clear_param_store()
         pyro.set_rng_seed(config.seed)
         self.num_data, self.x_dim = self.train_x.shape
-        self.steps_per_epoch = math.ceil(self.num_data / config.batch_size)
+        steps_per_epoch = math.ceil(self.num_data / config.batch_size)
         self.vae = build_vae(config, self.x_dim).to(self.device)
-        self.objective = build_objective(config, self.train_x, self.steps_per_epoch)
+        self.objective = build_objective(config, self.train_x, steps_per_epoch)
         if isinstance(self.objective, torch.nn.Module):
             self.objective.to(self.device)  # JSA's chains
         self.optim = pyro.optim.Adam({"lr": config.lr})
@@ -306,7 +298,7 @@ class Trainer:
     def _epoch_data(self) -> torch.Tensor:
         if self.gray is None:
             return self.train_x
-        return torch.bernoulli(self.gray)  # dynamic binarization, from the global RNG
+        return dynamic_binarize(self.gray)  # from the global RNG (checkpointed)
 
     def step_losses(self) -> list[float]:
         """Train one epoch; the per-step losses (per image, except fdiv's divergence bound)."""
@@ -327,12 +319,9 @@ class Trainer:
     def test_log_likelihood(self, num_samples: int, x: torch.Tensor | None = None) -> torch.Tensor:
         """Per-image importance-sampling log-likelihood under the Bernoulli reading of the model."""
         x = self.eval_x if x is None else x
-        model = (
-            self.vae.model if self.vae.likelihood == "bernoulli" else self.vae.as_bernoulli().model
-        )
         with rng_preserved():
             return log_likelihood(
-                model,
+                self.vae.as_bernoulli().model,
                 self.vae.gaussian_proposal(),
                 x,
                 num_samples=num_samples,
