@@ -9,6 +9,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from closed_form import linear_gaussian_model
+from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 from torch import nn
 
@@ -99,6 +100,67 @@ def test_bound_with_a_random_encoder_is_above_the_divergence():
         objective = FDivergenceBound(f, data=TARGET)
         value, se = bound_and_se(objective, net.model, net.guide, torch.zeros(100_000))
         assert value > true_divergence(f, net.mu, net.sigma) - 4 * se, f
+
+
+@pytest.mark.parametrize("sample_from", ["model", "data"])
+def test_importance_weighted_bound_is_tight_at_the_exact_posterior(sample_from):
+    net = joint()
+    for f in ["forward_kl", "js"]:
+        objective = FDivergenceBound(
+            f, data=TARGET, sample_from=sample_from, num_importance_samples=4
+        )
+        value, se = bound_and_se(objective, net.model, exact_guide_of(net), torch.zeros(50_000))
+        assert abs(value - true_divergence(f, net.mu, net.sigma)) < 4 * se + 1e-3, f
+
+
+@pytest.mark.parametrize("f", FS)
+def test_importance_weighted_bound_tightens_and_both_sides_agree(f):
+    """K = 8 latents per y: still above the divergence, below the K = 1 bound, and the same
+    expectation whether sampled from the model or from the data."""
+    net = joint()
+    guide, batch = poor_guide_of(net), torch.zeros(100_000)
+    exact = true_divergence(f, net.mu, net.sigma)
+    one, one_se = bound_and_se(FDivergenceBound(f, data=TARGET), net.model, guide, batch)
+    values = {}
+    for side in ["model", "data"]:
+        objective = FDivergenceBound(f, data=TARGET, sample_from=side, num_importance_samples=8)
+        values[side] = bound_and_se(objective, net.model, guide, batch)
+    (model_value, model_se), (data_value, data_se) = values["model"], values["data"]
+    assert abs(model_value - data_value) < 4 * math.hypot(model_se, data_se) + 1e-3
+    assert model_value - exact > -4 * model_se
+    assert one - model_value > 4 * math.hypot(one_se, model_se), (one, model_value, exact)
+
+
+def test_forward_kl_with_k_latents_is_the_negative_iwae_bound_on_noisy_data():
+    torch.manual_seed(3)
+    data, sigma, num_samples = torch.randn(40, 2) * 1.5, 0.7, 5
+    loc = nn.Linear(2, 2).double()
+
+    def guide(x):
+        pyro.module("loc", loc)
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(loc(x), 0.8).to_event(1))
+
+    objective = FDivergenceBound(
+        "forward_kl", data=data, spread=sigma, num_particles=3, num_importance_samples=5
+    )
+    batch = data[:10]
+    pyro.set_rng_seed(11)
+    bound = objective.loss(linear_gaussian_model, guide, batch)
+
+    pyro.set_rng_seed(11)  # the same draws: y per particle and row, then 5 latents per y
+    y = batch.repeat(3, 1) + sigma * torch.randn(30, 2, dtype=batch.dtype)
+    z = poutine.trace(guide).get_trace(y.repeat(num_samples, 1)).nodes["z"]["value"]
+    z = z.reshape(num_samples, 30, 2)
+    with torch.no_grad():
+        log_w = (
+            dist.Normal(z, sigma).log_prob(y).sum(-1)
+            + dist.Normal(0.0, 1.0).log_prob(z).sum(-1)
+            - dist.Normal(loc(y), 0.8).log_prob(z).sum(-1)
+        )
+    iwae = (log_w.logsumexp(0) - math.log(num_samples)).mean()
+    expected = -iwae + spread_log_density(y, data, sigma).mean()
+    assert bound == pytest.approx(expected.item(), rel=1e-12)
 
 
 def test_forward_kl_is_the_negative_elbo_on_noisy_data_plus_a_constant():
@@ -313,6 +375,35 @@ def test_guide_steps_update_the_guide_and_route_the_model_gradient():
     assert state["guide_optim"] and state["schedule"] == {"t": 1}
 
 
+@pytest.mark.parametrize("guide_f", [None, "reverse_kl", "forward_kl"])
+def test_guide_steps_minimize_the_bound_of_guide_f(guide_f):
+    """One SGD guide step moves the encoder by -lr times the gradient of guide_f's bound (the
+    same draws), on its own side: the model for reverse KL, the data for forward KL."""
+    data = torch.randn(30, 2)
+    model, guide = _decoder_model(), _linear_guide()
+    objective = FDivergenceBound(
+        "js",
+        data=data,
+        spread=0.5,
+        num_particles=4,
+        guide_steps=1,
+        guide_optim=pyro.optim.SGD({"lr": 0.1}),
+        guide_f=guide_f,
+    )
+    side = {None: "model", "reverse_kl": "model", "forward_kl": "data"}[guide_f]
+    assert objective.guide_sample_from == side
+    reference = FDivergenceBound(guide_f or "js", data=data, spread=0.5, num_particles=4)
+    assert reference.sample_from == side
+    before = guide.encoder.weight.detach().clone()
+    pyro.set_rng_seed(5)
+    (grad,) = torch.autograd.grad(
+        reference.differentiable_loss(model, guide, data[:6]), guide.encoder.weight
+    )
+    pyro.set_rng_seed(5)
+    objective.loss_and_grads(model, guide, data[:6])
+    assert torch.allclose(guide.encoder.weight - before, -0.1 * grad, atol=1e-6)
+
+
 def _svi_run(objective, model, guide, data, steps, optim=None, start=0):
     optim = optim or pyro.optim.Adam({"lr": 0.01})
     svi = SVI(model, guide, optim, loss=objective)
@@ -390,6 +481,12 @@ def test_bad_input_raises_clear_errors():
         FDivergenceBound("js", data=data, spread=0.5, guide_steps=-1)
     with pytest.raises(ValueError, match="Unknown divergence"):
         FDivergenceBound("renyi", data=data, spread=0.5)
+    with pytest.raises(ValueError, match="pass guide_steps >= 1"):
+        FDivergenceBound("js", data=data, spread=0.5, guide_f="reverse_kl")
+    with pytest.raises(ValueError, match="use guide_f='reverse_kl'"):
+        FDivergenceBound(data=data, spread=0.5, log_density="pca", guide_steps=1, guide_f="js")
+    with pytest.raises(ValueError, match="num_importance_samples"):
+        FDivergenceBound("js", data=data, spread=0.5, num_importance_samples=0)
 
     def bernoulli_model(x):
         with pyro.plate("data", len(x)):

@@ -29,6 +29,7 @@ from pyro_fdiv.inference.importance import (
     LogWeights,
     check_flag,
     checked_value,
+    log_mean_exp,
     log_weights_from_traces,
 )
 from pyro_fdiv.inference.objective import check_integer, check_num_particles, rng_preserved
@@ -85,10 +86,12 @@ class _NoSubsampling(Messenger):
 
 
 class _Draw(NamedTuple):
-    """One evaluation of the bound: the log weights and the data density at the samples."""
+    """One evaluation of the bound: the log weights (of the traces that hold every parameter),
+    the data density at the samples, and all traces by kind (for naming non-finite sites)."""
 
     weights: LogWeights
     log_data_density: torch.Tensor
+    traces: dict[str, Trace]
 
 
 def _as_schedule(spread: float | SpreadSchedule | None) -> SpreadSchedule | None:
@@ -115,12 +118,29 @@ class FDivergenceBound(ELBO):
         r = \log \hat p(y) + \log q_\phi(z \mid y) - \log p_\theta(y \mid z) - \log p(z),
 
     with equality when :math:`q_\phi(z \mid y) = p_\theta(z \mid y)`, and
-    :math:`\tilde f(u) = u f(1/u)` the dual. ``sample_from="model"`` averages over
+    :math:`\tilde f(u) = u f(1/u)` the dual.
+
+    ``sample_from="model"`` averages over
     :math:`(z, y) \sim p_\theta` (``y`` reparameterized through the model), ``"data"`` over
     :math:`y \sim \hat p`, :math:`z \sim q_\phi(z \mid y)`; ``"auto"`` takes the data side for
     forward KL, where the bound is the negative ELBO on noisy data plus
     :math:`\mathbb{E}\log \hat p(y)`, and the model side otherwise. Every :math:`f` is evaluated
     from :math:`\log u`, so extreme log ratios neither overflow nor give NaN.
+
+    **Importance-weighted joints** (``num_importance_samples=K > 1``, beyond [1]): the same
+    bound between the extended joints :math:`\hat p(y) \prod_k q_\phi(z_k \mid y)` and
+    :math:`p_\theta(y) \frac1K \sum_k p_\theta(z_k \mid y) \prod_{j \ne k} q_\phi(z_j \mid y)`
+    of [3], whose ratio is :math:`e^{r_K} = \hat p(y) / \hat w_K(y)` with the importance
+    estimate :math:`\hat w_K(y) = \frac1K \sum_k p_\theta(y \mid z_k) p(z_k) /
+    q_\phi(z_k \mid y)` of :math:`p_\theta(y)`. Its marginals are still :math:`\hat p` and
+    :math:`p_\theta`, so it bounds the same divergence for every ``K``; ``K = 1`` is the
+    paper's bound, and as ``K`` grows :math:`\hat w_K(y) \to p_\theta(y)` and the bound
+    approaches :math:`D_f(\hat p \| p_\theta)` even when the encoder cannot represent the
+    posterior. Forward KL becomes the negative IWAE bound on noisy data plus a constant
+    (monotone in ``K``, Burda et al.). On the data side
+    the ``K`` latents share one ``y``; on the model side :math:`z_1 \sim p(z)`,
+    :math:`y \sim p_\theta(y \mid z_1)` and :math:`z_{2..K} \sim q_\phi(z \mid y)`. Each
+    of the ``num_particles`` terms costs ``K`` model and guide evaluations.
 
     **The data side** is either
 
@@ -149,7 +169,8 @@ class FDivergenceBound(ELBO):
 
     **Training.** :meth:`loss_and_grads` first takes ``guide_steps`` updates of the guide's
     parameters with its own ``guide_optim`` (the paper tightens the bound with 20 Adam steps
-    per model step), then back-propagates the bound into the model's parameters only (into all
+    per model step; their bound can be another f's, ``guide_f``), then back-propagates the
+    bound into the model's parameters only (into all
     parameters when ``guide_steps=0``), and advances the spread schedule; :meth:`loss` changes
     nothing. The schedule's position and the guide optimizer are in :meth:`state_dict`.
 
@@ -181,6 +202,8 @@ class FDivergenceBound(ELBO):
     :param spread: :math:`\sigma` (float) or a :class:`~pyro_fdiv.inference.spread.SpreadSchedule`;
         required for a training set, not allowed with a distribution.
     :param int num_particles: samples per element of the batch.
+    :param int num_importance_samples: ``K``, latent samples per ``y`` in the
+        importance-weighted joint (1: the paper's bound).
     :param str sample_from: ``"model"``, ``"data"`` or ``"auto"``.
     :param str log_density: ``"exact"`` or ``"pca"``.
     :param int pca_dim: PCA dimension :math:`k` of the ``"pca"`` estimator.
@@ -188,6 +211,12 @@ class FDivergenceBound(ELBO):
     :param int guide_steps: guide updates per model update (0: one joint update).
     :param guide_optim: a :class:`~pyro.optim.PyroOptim` for those updates
         (default ``Adam(lr=1e-3)``).
+    :param guide_f: the divergence whose bound those updates minimize (default ``f``; sampled
+        from the data for forward KL, from the model otherwise). Every f's bound is tightest at
+        :math:`q_\phi = p_\theta(z \mid y)`, so any choice tightens it; ``"reverse_kl"``
+        minimizes :math:`\mathbb{E}_{p_\theta(y)} \mathrm{KL}(p_\theta(z \mid y) \|
+        q_\phi(z \mid y))` (at ``K = 1``), mass-covering and with a gradient that does not vanish
+        where a bounded f (Jensen-Shannon) saturates and leaves the encoder behind the model.
     :param data_arg: position or keyword of the data argument.
     :param str obs_site: name of the observation site (default: the only observed site).
     :param bool check_finite: when ``True`` (default), :meth:`loss`, :meth:`loss_and_grads`
@@ -203,6 +232,8 @@ class FDivergenceBound(ELBO):
     models by variational f-divergence minimization").
 
     [2] D. Barber, M. Zhang, R. Habib, T. Bird. *Spread divergence*. ICML 2020.
+
+    [3] J. Domke, D. Sheldon. *Importance weighting and variational inference*. NeurIPS 2018.
     """
 
     def __init__(
@@ -211,12 +242,14 @@ class FDivergenceBound(ELBO):
         data: torch.Tensor | Distribution | None = None,
         spread: float | SpreadSchedule | None = None,
         num_particles: int = 1,
+        num_importance_samples: int = 1,
         sample_from: str = "auto",
         log_density: str = "exact",
         pca_dim: int = 50,
         num_pca_samples: int = 10,
         guide_steps: int = 0,
         guide_optim: PyroOptim | None = None,
+        guide_f: str | Divergence | None = None,
         data_arg: int | str = 0,
         obs_site: str | None = None,
         max_plate_nesting: float = float("inf"),
@@ -226,6 +259,9 @@ class FDivergenceBound(ELBO):
             num_particles=check_num_particles(num_particles), max_plate_nesting=max_plate_nesting
         )
         self.check_finite = check_flag("check_finite", check_finite)
+        self.num_importance_samples = check_integer(
+            "num_importance_samples", num_importance_samples, 1
+        )
         self.divergence = _as_divergence(f)
         self.schedule = _as_schedule(spread)
         self._check_data(data)
@@ -250,8 +286,29 @@ class FDivergenceBound(ELBO):
                 f"Expected guide_optim to be a pyro.optim optimizer, actual {guide_optim!r}"
             )
         self.guide_optim = guide_optim or pyro.optim.Adam({"lr": 1e-3})
+        self.guide_divergence, self.guide_sample_from = self._guide_objective(guide_f)
         self.data_arg = DataArgument(data_arg)
         self.obs_site = obs_site
+
+    def _guide_objective(self, guide_f) -> tuple[Divergence, str]:
+        """The divergence whose bound the guide steps minimize, and the side it samples."""
+        if guide_f is None:
+            return self.divergence, self.sample_from
+        if self.guide_steps == 0:
+            raise ValueError(
+                "guide_f is the divergence of the guide steps: pass guide_steps >= 1 (with "
+                "guide_steps=0 one joint update minimizes f's bound in all parameters)"
+            )
+        divergence = _as_divergence(guide_f)
+        if self.log_density == "pca" and not isinstance(divergence, ReverseKL):
+            raise ValueError(
+                "log_density='pca' estimates gradients of a bound linear in log p_hat: use "
+                f"guide_f='reverse_kl' (or None) with it, actual {divergence.name!r}"
+            )
+        data_side = isinstance(divergence, ForwardKL) and (
+            isinstance(self.data, torch.Tensor) or hasattr(self.data, "sample")
+        )
+        return divergence, "data" if data_side else "model"
 
     def _check_data(self, data) -> None:
         if isinstance(data, torch.Tensor):
@@ -379,13 +436,14 @@ class FDivergenceBound(ELBO):
                 f"site '{site['name']}' has rows of shape {tuple(event_shape)}"
             )
 
-    def _traces(self, model, guide, args, kwargs):
-        """Model and guide traces of one vectorized draw, and the sampled ``y``."""
+    def _traces(self, model, guide, args, kwargs, sample_from: str):
+        """``{kind: (model trace, guide trace)}`` of one vectorized draw (the first holding every
+        parameter), and the sampled ``y``, one per particle and row."""
         batch = self.data_arg.get(args, kwargs)
         x = repeat_batch(batch, self.num_particles)
         model, guide = self._guarded(model), self._guarded(guide)
         try:
-            model_trace, guide_trace, y = self._run(model, guide, args, kwargs, x)
+            pairs, y = self._run(model, guide, args, kwargs, x, sample_from)
         except ValueError as err:
             if self.num_particles == 1 or "Shape mismatch inside plate" not in str(err):
                 raise
@@ -405,10 +463,10 @@ class FDivergenceBound(ELBO):
                 f"'{self._obs_name}' drew shape {tuple(y.shape)}: size the data plate by the data "
                 "argument, pyro.plate('data', len(x)), not by a fixed number."
             )
-        return model_trace, guide_trace, y
+        return pairs, y
 
-    def _run(self, model, guide, args, kwargs, x: torch.Tensor):
-        if self.sample_from == "model":
+    def _run(self, model, guide, args, kwargs, x: torch.Tensor, sample_from: str):
+        if sample_from == "model":
             sampler = ObservationMessenger(self._obs_name, self.sigma, resample=True)
             model_args = self.data_arg.substitute(args, kwargs, x)
             model_trace = poutine.trace(sampler(model)).get_trace(*model_args[0], **model_args[1])
@@ -419,25 +477,59 @@ class FDivergenceBound(ELBO):
             guide_trace = poutine.trace(poutine.replay(guide, trace=model_trace)).get_trace(
                 *guide_args[0], **guide_args[1]
             )
+            pairs = {"": (model_trace, guide_trace)}
+            if self.num_importance_samples > 1:
+                copies = self.num_importance_samples - 1
+                extra = self._given_y(model, guide, args, kwargs, y, copies)
+                pairs[" (importance samples)"] = extra
+            return pairs, y
+        if isinstance(self.data, torch.Tensor):
+            y = x + self.sigma * torch.randn_like(x)
         else:
-            if isinstance(self.data, torch.Tensor):
-                y = x + self.sigma * torch.randn_like(x)
-            else:
-                y = self.data.sample(x.shape[: x.dim() - len(self.data.event_shape)]).to(x)
-            y_args, y_kwargs = self.data_arg.substitute(args, kwargs, y)
-            guide_trace = poutine.trace(guide).get_trace(*y_args, **y_kwargs)
-            observed = ObservationMessenger(self._obs_name, self.sigma)(model)
-            model_trace = poutine.trace(poutine.replay(observed, trace=guide_trace)).get_trace(
-                *y_args, **y_kwargs
-            )
-            reparameterized_or_raise(guide_trace.nodes, "guide", type(self).__name__)
-        return model_trace, guide_trace, y
+            y = self.data.sample(x.shape[: x.dim() - len(self.data.event_shape)]).to(x)
+        return {"": self._given_y(model, guide, args, kwargs, y, self.num_importance_samples)}, y
 
-    def _terms(self, model, guide, args, kwargs) -> tuple[torch.Tensor, _Draw]:
-        """Per-sample :math:`f(e^r)` (model side) or :math:`\tilde f(e^{-r})` (data side)."""
+    def _given_y(self, model, guide, args, kwargs, y: torch.Tensor, copies: int):
+        """Traces of ``z ~ q(z | y)`` and the model observing ``y``, ``copies`` latents per y."""
+        y_args, y_kwargs = self.data_arg.substitute(args, kwargs, repeat_batch(y, copies))
+        guide_trace = poutine.trace(guide).get_trace(*y_args, **y_kwargs)
+        observed = ObservationMessenger(self._obs_name, self.sigma)(model)
+        model_trace = poutine.trace(poutine.replay(observed, trace=guide_trace)).get_trace(
+            *y_args, **y_kwargs
+        )
+        reparameterized_or_raise(guide_trace.nodes, "guide", type(self).__name__)
+        return model_trace, guide_trace
+
+    def _terms(self, model, guide, args, kwargs, for_guide=False) -> tuple[torch.Tensor, _Draw]:
+        """Per-sample :math:`f(e^r)` (model side) or :math:`\tilde f(e^{-r})` (data side), of
+        ``f`` or, ``for_guide``, of ``guide_f``."""
+        divergence, sample_from = (
+            (self.guide_divergence, self.guide_sample_from)
+            if for_guide
+            else (self.divergence, self.sample_from)
+        )
         self._setup(model, guide, args, kwargs)
-        model_trace, guide_trace, y = self._traces(model, guide, args, kwargs)
-        weights = log_weights_from_traces(model_trace, guide_trace, self.max_plate_nesting)
+        pairs, y = self._traces(model, guide, args, kwargs, sample_from)
+        weights, log_w = None, []
+        for model_trace, guide_trace in pairs.values():
+            pair_weights = log_weights_from_traces(model_trace, guide_trace, self.max_plate_nesting)
+            weights = weights or pair_weights
+            log_w.append(self._row_log_weights(pair_weights, model_trace, guide_trace, y))
+        # K latents per y: the importance estimate log w_K(y) of log p_theta(y)
+        log_w = log_mean_exp(torch.cat(log_w).reshape(self.num_importance_samples, len(y)))
+        log_p_hat = self.log_data_density(y)
+        traces = {
+            f"{kind}{suffix}": trace
+            for suffix, pair in pairs.items()
+            for kind, trace in zip(("model", "guide"), pair, strict=True)
+        }
+        draw = _Draw(weights, log_p_hat, traces)
+        if sample_from == "model":
+            return divergence.f(log_p_hat - log_w), draw
+        return divergence.dual().f(log_w - log_p_hat), draw
+
+    def _row_log_weights(self, weights: LogWeights, model_trace, guide_trace, y) -> torch.Tensor:
+        """One log weight per stacked row (plates nested in the data plate are part of it)."""
         batch = y.shape[0] // self.num_particles
         plates = [f.name for f in weights.plates]
         if self._data_plate not in plates:  # a structure that changed since the first call
@@ -447,25 +539,21 @@ class FDivergenceBound(ELBO):
                 f"{type(self).__name__} needs every site inside the data plate "
                 f"'{self._data_plate}'; the sites share plates {plates}"
             )
-        # one term per row: plates nested in the data plate are part of the row
         row = plates.index(self._data_plate) + 1
         log_w = weights.log_w
         inner = [d for d in range(1, log_w.dim()) if d != row]
         log_w = (log_w.sum(inner) if inner else log_w).reshape(-1)
-        if log_w.numel() != y.shape[0]:
+        rows = model_trace.nodes[self._obs_name]["value"].shape[0]
+        if log_w.numel() != rows:
             raise ValueError(
                 f"{type(self).__name__} needs one log weight per row of the batch (size {batch}, "
                 f"stacked num_particles={self.num_particles} times), actual {log_w.numel()}: "
                 f"check that the data plate '{self._data_plate}' is sized by the data argument"
             )
-        log_p_hat = self.log_data_density(y)
-        draw = _Draw(weights, log_p_hat)
-        if self.sample_from == "model":
-            return self.divergence.f(log_p_hat - log_w), draw
-        return self.divergence.dual().f(log_w - log_p_hat), draw
+        return log_w
 
-    def _bound(self, model, guide, args, kwargs) -> tuple[torch.Tensor, _Draw]:
-        terms, draw = self._terms(model, guide, args, kwargs)
+    def _bound(self, model, guide, args, kwargs, for_guide=False) -> tuple[torch.Tensor, _Draw]:
+        terms, draw = self._terms(model, guide, args, kwargs, for_guide)
         return terms.mean(), draw
 
     def _checked(self, bound: torch.Tensor, draw: _Draw) -> float:
@@ -490,6 +578,7 @@ class FDivergenceBound(ELBO):
             type(self).__name__,
             draw.weights,
             check_finite=self.check_finite,
+            traces=draw.traces,
             densities={density: (draw.log_data_density, advice)},
             otherwise="no single site: the log weights or f overflowed when combined",
         )
@@ -498,8 +587,8 @@ class FDivergenceBound(ELBO):
     def _get_trace(self, model, guide, args, kwargs):
         """The model and guide traces of one draw (Pyro's ``ELBO`` interface)."""
         self._setup(model, guide, args, kwargs)
-        model_trace, guide_trace, _ = self._traces(model, guide, args, kwargs)
-        return model_trace, guide_trace
+        pairs, _ = self._traces(model, guide, args, kwargs, self.sample_from)
+        return pairs[""]
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         """:returns: an estimate of the bound :math:`U(\\theta, \\phi)`; changes no state."""
@@ -519,7 +608,7 @@ class FDivergenceBound(ELBO):
         return bound
 
     def _guide_step(self, model, guide, args, kwargs) -> None:
-        bound, draw = self._bound(model, guide, args, kwargs)
+        bound, draw = self._bound(model, guide, args, kwargs, for_guide=True)
         if self.check_finite:
             self._checked(bound, draw)
         model_params = trace_params(draw.weights.model_trace)

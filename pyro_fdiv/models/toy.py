@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import ClassVar
 
 import pyro
 import pyro.distributions as dist
+import pyro.distributions.transforms as T
 import torch
 from torch import nn
 
 __all__ = [
     "BivariateGaussian",
+    "FlowEncoder",
     "GaussianEncoder",
     "LatentGenerator",
     "mlp",
@@ -86,25 +89,93 @@ class GaussianEncoder(nn.Module):
         out = self.net(x)
         return out[..., : self.z_dim], nn.functional.softplus(out[..., self.z_dim :]) + 1e-4
 
+    def q(self, x: torch.Tensor) -> dist.TorchDistribution:
+        r"""The distribution :math:`q_\phi(z \mid x)`, batch shape ``x.shape[:-1]``."""
+        loc, scale = self(x)
+        return dist.Normal(loc, scale).to_event(1)
+
+
+class FlowEncoder(nn.Module):
+    r"""
+    A normalizing-flow encoder: the :class:`GaussianEncoder`'s
+    :math:`\mathcal{N}(\mu_\phi(x), \mathrm{diag}\,\sigma_\phi(x)^2)` pushed through
+    ``num_flows`` rational-quadratic spline autoregressive transforms conditioned on :math:`x`
+    (Durkan et al. 2019; Pyro's ``conditional_spline_autoregressive``), with the coordinates
+    reversed between them. Reparameterized, with an exact ``log_prob``, so it drops in wherever
+    the Gaussian encoder does; it can represent the non-Gaussian posteriors
+    :math:`p_\theta(z \mid x)` of a decoder that is piecewise constant in :math:`z` (a model
+    of separated modes), whose Gaussian approximation leaves a large gap in the bound.
+
+    :param int x_dim: data (context) dimension.
+    :param int z_dim: latent dimension.
+    :param list hidden: hidden layer sizes of the Gaussian base's MLP.
+    :param int num_flows: number of spline transforms.
+    :param list flow_hidden: hidden layer sizes of each transform's autoregressive network.
+    :param int count_bins: spline segments per coordinate.
+    :param float bound: the splines act on :math:`[-b, b]` per coordinate, identity outside.
+    """
+
+    def __init__(
+        self,
+        x_dim: int,
+        z_dim: int,
+        hidden: list[int],
+        activation=nn.ReLU,
+        num_flows: int = 2,
+        flow_hidden: tuple[int, ...] = (64, 64),
+        count_bins: int = 8,
+        bound: float = 4.0,
+    ):
+        super().__init__()
+        self.base = GaussianEncoder(x_dim, z_dim, hidden, activation)
+        self.flows = nn.ModuleList(
+            T.conditional_spline_autoregressive(
+                z_dim, x_dim, hidden_dims=list(flow_hidden), count_bins=count_bins, bound=bound
+            )
+            for _ in range(num_flows)
+        )
+        self.register_buffer("reverse", torch.arange(z_dim - 1, -1, -1))
+
+    def q(self, x: torch.Tensor) -> dist.TorchDistribution:
+        r"""The distribution :math:`q_\phi(z \mid x)`, batch shape ``x.shape[:-1]``."""
+        transforms = []
+        for i, flow in enumerate(self.flows):
+            if i:
+                transforms.append(T.Permute(self.reverse))
+            transforms.append(flow)
+        base = self.base.q(x)
+        return dist.ConditionalTransformedDistribution(base, transforms).condition(x)
+
 
 class LatentGenerator(nn.Module):
     r"""
     A latent generative model with a deterministic decoder mean,
     :math:`z \sim \mathcal{N}(0, I)`, :math:`x = \mu_\theta(z)`, written for Pyro with a Gaussian
     observation :math:`\mathcal{N}(x \mid \mu_\theta(z), 1)` whose scale
-    :class:`~pyro_fdiv.inference.FDivergenceBound` replaces by the spread width, and a Gaussian
-    encoder guide :math:`q_\phi(z \mid x)`.
+    :class:`~pyro_fdiv.inference.FDivergenceBound` replaces by the spread width, and an
+    encoder guide :math:`q_\phi(z \mid x)` (Gaussian or a normalizing flow).
 
     :param int x_dim: data dimension.
     :param int z_dim: latent dimension.
     :param list hidden: hidden layer sizes of both networks.
+    :param str encoder: ``"gaussian"`` (:class:`GaussianEncoder`) or ``"flow"``
+        (:class:`FlowEncoder`).
     """
 
-    def __init__(self, x_dim: int, z_dim: int, hidden: list[int], activation=nn.ReLU):
+    ENCODERS: ClassVar[dict[str, type[nn.Module]]] = {
+        "gaussian": GaussianEncoder,
+        "flow": FlowEncoder,
+    }
+
+    def __init__(
+        self, x_dim: int, z_dim: int, hidden: list[int], activation=nn.ReLU, encoder="gaussian"
+    ):
         super().__init__()
+        if encoder not in self.ENCODERS:
+            raise ValueError(f"Expected encoder in {tuple(self.ENCODERS)}, actual {encoder!r}")
         self.z_dim = z_dim
         self.decoder = mlp([z_dim, *hidden, x_dim], activation)
-        self.encoder = GaussianEncoder(x_dim, z_dim, hidden, activation)
+        self.encoder = self.ENCODERS[encoder](x_dim, z_dim, hidden, activation)
 
     def model(self, x: torch.Tensor) -> None:
         pyro.module("decoder", self.decoder)
@@ -115,9 +186,9 @@ class LatentGenerator(nn.Module):
 
     def guide(self, x: torch.Tensor) -> None:
         pyro.module("encoder", self.encoder)
-        loc, scale = self.encoder(x)
+        q = self.encoder.q(x)
         with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+            pyro.sample("z", q)
 
     @torch.no_grad()
     def sample(self, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
