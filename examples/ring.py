@@ -6,13 +6,14 @@ Barber (2019).
 
 The model is :math:`z \sim \mathcal{N}(0, I_2)`, :math:`x = \mu_\theta(z)` (a deterministic
 ReLU MLP decoder, observed through spread noise of the same width), the guide a normalizing-flow
-encoder :math:`q_\phi(z \mid y)` (:class:`~pyro_fdiv.models.toy.FlowEncoder`; ``--encoder
-gaussian`` for the paper's Gaussian one) and the bound taken between importance-weighted joints
-with ``K = 10`` latents per ``y`` (``--importance-samples 1`` for the paper's). Both tighten the
-bound where the posterior of a decoder that maps regions of ``z`` onto separate modes is far
-from Gaussian. The recipes per divergence (:data:`RECIPES`) differ for Jensen-Shannon, whose
-bound saturates where the encoder lags: its encoder takes one step per model step on the
-inclusive KL (``guide_f="reverse_kl"``), and its learning rate decays tenfold.
+encoder :math:`q_\phi(z \mid y)` (:class:`~pyro_fdiv.models.toy.FlowEncoder`) and the bound
+taken between importance-weighted joints with ``K = 10`` latents per ``y`` for forward KL and
+Jensen-Shannon: both tighten the bound where the posterior of a decoder that maps regions of
+``z`` onto separate modes is far from Gaussian. Reverse KL uses the paper's Gaussian encoder
+and bound (``K = 1``). Jensen-Shannon's bound saturates where the encoder lags behind the
+model, so its encoder takes one step per model step on the inclusive KL
+(``guide_f="reverse_kl"``), and its learning rate decays tenfold. The settings are
+:data:`RECIPES`; an option given on the command line overrides them for every divergence.
 
 After training, 10,000 noise-free samples
 :math:`x = \mu_\theta(z)` are assigned to the nearest mode; a mode is covered when it holds at
@@ -46,12 +47,22 @@ from pyro_fdiv.models.toy import LatentGenerator, mode_shares, ring_data, ring_m
 
 DIVERGENCES = ["forward_kl", "reverse_kl", "js"]
 MODE_SD = 0.05
-_KL = {"steps": 6000, "anneal_steps": 2000, "lr": 1e-3, "lr_final": 1.0, "guide_steps": 0}
+_SHARED = {"encoder": "flow", "importance_samples": 10, "particles": 1}
+_KL = {**_SHARED, "steps": 6000, "anneal_steps": 2000, "lr": 1e-3, "lr_final": 1.0}
 #: Training settings per divergence; a command-line option overrides them for every divergence.
 RECIPES = {
-    "forward_kl": {**_KL, "guide_f": None},
-    "reverse_kl": {**_KL, "guide_f": None},
+    "forward_kl": {**_KL, "guide_steps": 0, "guide_f": None},
+    "reverse_kl": {  # the paper's Gaussian encoder and bound (K = 1)
+        **_KL,
+        "encoder": "gaussian",
+        "importance_samples": 1,
+        "particles": 10,
+        "steps": 4000,
+        "guide_steps": 0,
+        "guide_f": None,
+    },
     "js": {
+        **_SHARED,
         "steps": 8000,
         "anneal_steps": 4000,
         "lr": 3e-4,
@@ -73,13 +84,13 @@ def train(f: str, data: torch.Tensor, args, settings: dict):
     """:returns: the trained model, the bound per step and the seconds it took."""
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
-    net = LatentGenerator(data.shape[1], 2, args.hidden, encoder=args.encoder)
+    net = LatentGenerator(data.shape[1], 2, args.hidden, encoder=settings["encoder"])
     objective = FDivergenceBound(
         f,
         data=data,
         spread=SpreadSchedule(args.spread_start, args.spread_end, settings["anneal_steps"]),
-        num_particles=args.particles,
-        num_importance_samples=args.importance_samples,
+        num_particles=settings["particles"],
+        num_importance_samples=settings["importance_samples"],
         guide_steps=settings["guide_steps"],
         guide_f=settings["guide_f"],
     )
@@ -130,14 +141,13 @@ def main(argv=None) -> pd.DataFrame:
                         default=[256, 256, 256, 256])  # fmt: skip
     parser.add_argument("--num-data", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=100)
-    parser.add_argument("--particles", type=int, default=1)
+    parser.add_argument("--particles", type=int, help="default: RECIPES")
     parser.add_argument(
         "--importance-samples",
         type=int,
-        default=10,
-        help="latents per y in the importance-weighted joint (1: the paper's)",
+        help="latents per y in the importance-weighted joint (1: the paper's); default: RECIPES",
     )
-    parser.add_argument("--encoder", choices=["flow", "gaussian"], default="flow")
+    parser.add_argument("--encoder", choices=["flow", "gaussian"], help="default: RECIPES")
     parser.add_argument("--lr", type=float, help="default: RECIPES")
     parser.add_argument("--lr-final", type=float, help="final lr / lr; default: RECIPES")
     parser.add_argument("--guide-steps", type=int, help="default: RECIPES")
