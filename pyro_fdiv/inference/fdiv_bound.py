@@ -137,10 +137,10 @@ class FDivergenceBound(ELBO):
     paper's bound, and as ``K`` grows :math:`\hat w_K(y) \to p_\theta(y)` and the bound
     approaches :math:`D_f(\hat p \| p_\theta)` even when the encoder cannot represent the
     posterior. Forward KL becomes the negative IWAE bound on noisy data plus a constant
-    (monotone in ``K``, Burda et al.). On the data side
-    the ``K`` latents share one ``y``; on the model side :math:`z_1 \sim p(z)`,
-    :math:`y \sim p_\theta(y \mid z_1)` and :math:`z_{2..K} \sim q_\phi(z \mid y)`. Each
-    of the ``num_particles`` terms costs ``K`` model and guide evaluations.
+    (monotone in ``K``, Burda et al.). On the data side the ``K`` latents share one ``y``; on
+    the model side :math:`z_1 \sim p(z)`, :math:`y \sim p_\theta(y \mid z_1)` and
+    :math:`z_{2..K} \sim q_\phi(z \mid y)`. Each of the ``num_particles`` terms costs ``K``
+    model and guide evaluations.
 
     **The data side** is either
 
@@ -170,9 +170,9 @@ class FDivergenceBound(ELBO):
     **Training.** :meth:`loss_and_grads` first takes ``guide_steps`` updates of the guide's
     parameters with its own ``guide_optim`` (the paper tightens the bound with 20 Adam steps
     per model step; their bound can be another f's, ``guide_f``), then back-propagates the
-    bound into the model's parameters only (into all
-    parameters when ``guide_steps=0``), and advances the spread schedule; :meth:`loss` changes
-    nothing. The schedule's position and the guide optimizer are in :meth:`state_dict`.
+    bound into the model's parameters only (into all parameters when ``guide_steps=0``), and
+    advances the spread schedule; :meth:`loss` changes nothing. The schedule's position and the
+    guide optimizer are in :meth:`state_dict`.
 
     Example::
 
