@@ -154,7 +154,8 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         torch.set_num_threads(args.threads)
     try:
         log = train(config, resume=args.resume)
-    except (FileNotFoundError, FileExistsError) as error:  # no data; a run already there
+    # no data; a run already there; a checkpoint that cannot be resumed
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
         parser.error(str(error))
     print(log.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"written: {args.out / 'log.csv'}, checkpoint.pt, samples.png, reconstructions.png")

@@ -267,8 +267,18 @@ class Trainer:
             self._resume()
 
     def _resume(self) -> None:
-        payload = checkpoint.read(self.out / CHECKPOINT)
+        """Restore the checkpoint, or raise a ``ValueError`` and change nothing (the output
+        directory is only written by :meth:`run`)."""
+        path = self.out / CHECKPOINT
+        payload = checkpoint.read(path)
         extra = payload["extra"]
+        kinds = {"epoch": int, "rows": list, "config": dict}
+        wrong = [k for k, kind in kinds.items() if not isinstance(extra.get(k), kind)]
+        if wrong:
+            raise ValueError(
+                f"{path} is not a checkpoint of pyro_fdiv.train: its extra entries {wrong} are "
+                f"missing or mistyped (expected {kinds})"
+            )
         given = self.config.comparable()
         # settings added after the checkpoint was written count as their defaults
         defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
@@ -283,8 +293,13 @@ class Trainer:
             raise ValueError(
                 f"Cannot resume {self.out / CHECKPOINT}: settings differ (saved, given): {changed}"
             )
-        checkpoint.restore(payload, optim=self.optim, objective=self.objective, device=self.device)
-        self.vae.sync_params()
+        checkpoint.restore(
+            payload,
+            optim=self.optim,
+            objective=self.objective,
+            device=self.device,
+            modules=self.vae.pyro_modules(),
+        )
         self.epoch, self.rows = extra["epoch"], extra["rows"]
 
     def _args(self, x: torch.Tensor, idx: torch.Tensor | None) -> tuple:

@@ -668,4 +668,6 @@ class FDivergenceBound(ELBO):
             raise ValueError("state_dict's spread schedule does not match this objective's")
         if self.schedule is not None:
             self.schedule.load_state_dict(state["schedule"])
+        self.guide_optim.optim_objs.clear()  # those of the parameters the restore replaces
+        self.guide_optim.grad_clip.clear()
         self.guide_optim.set_state(state["guide_optim"])

@@ -337,11 +337,16 @@ class VAE(nn.Module):
             )
             implicit_sample("z", self.encoder(x, eps), event_dim=1)
 
+    def pyro_modules(self) -> dict[str, nn.Module]:
+        """The networks by the names :meth:`model` and :meth:`guide` register them under with
+        :func:`pyro.module` (``modules=`` of :func:`pyro_fdiv.checkpoint.restore`)."""
+        return {f"{self.name}_encoder": self.encoder, f"{self.name}_decoder": self.decoder}
+
     def sync_params(self) -> None:
         """Put the param store's tensors into the networks (after a checkpoint was restored):
         what the next :meth:`model`/:meth:`guide` call does anyway, for direct network use."""
-        pyro.module(f"{self.name}_encoder", self.encoder, update_module_params=True)
-        pyro.module(f"{self.name}_decoder", self.decoder, update_module_params=True)
+        for name, module in self.pyro_modules().items():
+            pyro.module(name, module, update_module_params=True)
 
     def as_bernoulli(self) -> VAE:
         """The same networks (shared, not copied) read with a Bernoulli likelihood on the
