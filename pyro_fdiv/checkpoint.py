@@ -50,25 +50,33 @@ and resume as before; the next :func:`save` writes format 2.
 from __future__ import annotations
 
 import copy
-import hashlib
 import numbers
 import os
 import pickle
-import struct
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyro
-import pyro.distributions.constraints as pyro_constraints
 import pyro.util
 import torch
-import torch.distributions.constraints as torch_constraints
 from pyro.params.param_store import normalize_param_name
 from torch import nn
-from torch.distributions.constraints import Constraint
+
+from pyro_fdiv.serialization import (
+    CONSTRAINT_CLASSES,
+    MalformedEntry,
+    check_plain,
+    content_digest,
+    decode_constraint,
+    decode_rng_state,
+    encode_constraint,
+    encode_rng_state,
+    register_constraint,
+    to_device,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -87,8 +95,6 @@ FORMAT_VERSION = 2
 #: The formats :func:`read` accepts.
 READABLE_VERSIONS = (1, 2)
 _ENTRIES = ("param_store", "optim", "objective", "objective_type", "rng", "extra")
-#: The plain types a checkpoint holds besides tensors (exactly: NumPy scalars pickle as code).
-_PLAIN = (str, bool, int, float, type(None))
 
 
 def get_rng_state() -> dict[str, Any]:
@@ -111,184 +117,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-# ------------------------------------------------------------------------------------------------
-# Plain forms: constraints and RNG states as tensors, numbers and strings
-
-
-def _constraint_registry() -> tuple[dict[str, Constraint], dict[str, type]]:
-    """The named constraint instances (``"positive"``) and the constraint classes by
-    qualified name, of torch's and Pyro's constraint modules."""
-    named, classes = {}, {}
-    for module in (torch_constraints, pyro_constraints):
-        for name, value in vars(module).items():
-            if isinstance(value, Constraint) and not name.startswith("_"):
-                named.setdefault(name, value)
-                value = type(value)
-            if isinstance(value, type) and issubclass(value, Constraint):
-                classes[f"{value.__module__}.{value.__qualname__}"] = value
-    return named, classes
-
-
-_NAMED, _CLASSES = _constraint_registry()
-
-
-def register_constraint(cls: type) -> type:
-    """Allow instances of the constraint class ``cls`` (a subclass of
-    :class:`torch.distributions.constraints.Constraint` whose state is its ``__dict__`` of
-    tensors, numbers and constraints) in checkpoints; usable as a class decorator."""
-    if not (isinstance(cls, type) and issubclass(cls, Constraint)):
-        raise TypeError(f"Expected a Constraint subclass, actual {cls!r}")
-    _CLASSES[f"{cls.__module__}.{cls.__qualname__}"] = cls
-    return cls
-
-
-def _encode_constraint(constraint: Constraint, where: str) -> dict:
-    for name, named in _NAMED.items():
-        if constraint is named:
-            return {"name": name}
-    key = f"{type(constraint).__module__}.{type(constraint).__qualname__}"
-    if _CLASSES.get(key) is not type(constraint):
-        raise TypeError(
-            f"{where} has constraint {constraint!r} of class {key}, which checkpoints cannot "
-            "store; register it with pyro_fdiv.checkpoint.register_constraint(cls)"
-        )
-    state = {k: _encode_argument(v, f"{where}.{k}") for k, v in vars(constraint).items()}
-    return {"class": key, "state": state}
-
-
-def _encode_argument(value: Any, where: str) -> Any:
-    if isinstance(value, Constraint):
-        return {"constraint": _encode_constraint(value, where)}
-    if isinstance(value, list | tuple):
-        return type(value)(_encode_argument(v, f"{where}[{i}]") for i, v in enumerate(value))
-    if isinstance(value, torch.Tensor) or type(value) in _PLAIN:
-        return value
-    raise TypeError(f"{where} = {value!r}: a constraint argument checkpoints cannot store")
-
-
-def _decode_constraint(code: Any, where: str) -> Constraint:
-    if isinstance(code, Constraint):  # format 1 stored the objects themselves
-        return code
-    if isinstance(code, dict) and set(code) == {"name"} and code["name"] in _NAMED:
-        return _NAMED[code["name"]]
-    if not (isinstance(code, dict) and set(code) == {"class", "state"}):
-        raise _Malformed(f"entry '{where}' is not a constraint: {code!r}")
-    cls = _CLASSES.get(code["class"]) if isinstance(code["class"], str) else None
-    if cls is None or not isinstance(code["state"], dict):
-        raise _Malformed(f"entry '{where}' names an unknown constraint class {code['class']!r}")
-    constraint = cls.__new__(cls)  # the state is plain data: no constructor code runs
-    constraint.__dict__.update(
-        {k: _decode_argument(v, f"{where}.{k}") for k, v in code["state"].items()}
-    )
-    return constraint
-
-
-def _decode_argument(value: Any, where: str) -> Any:
-    if isinstance(value, dict) and set(value) == {"constraint"}:
-        return _decode_constraint(value["constraint"], where)
-    if isinstance(value, list | tuple):
-        return type(value)(_decode_argument(v, f"{where}[{i}]") for i, v in enumerate(value))
-    return value
-
-
-def _encode_rng(state: dict[str, Any]) -> dict[str, Any]:
-    version, internal, gauss = state["random"]
-    key, keys, pos, has_gauss, cached = state["numpy"]
-    out = {
-        "torch": state["torch"],
-        "random": {"version": version, "state": torch.tensor(internal), "gauss": gauss},
-        "numpy": {
-            "key": key,
-            "state": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-    }
-    if "cuda" in state:
-        out["cuda"] = list(state["cuda"])
-    return out
-
-
-def _decode_rng(code: dict[str, Any]) -> dict[str, Any]:
-    if isinstance(code.get("numpy"), tuple):  # format 1: Pyro's own form
-        return code
-    numpy = code["numpy"]
-    state = {
-        "torch": code["torch"],
-        "random": (
-            code["random"]["version"],
-            tuple(code["random"]["state"].tolist()),
-            code["random"]["gauss"],
-        ),
-        "numpy": (
-            numpy["key"],
-            numpy["state"].numpy().astype(np.uint32),
-            numpy["pos"],
-            numpy["has_gauss"],
-            numpy["cached_gaussian"],
-        ),
-    }
-    if "cuda" in code:
-        state["cuda"] = code["cuda"]
-    return state
-
-
-# ------------------------------------------------------------------------------------------------
-# Contents: plain types only, with a digest
-
-
-def _check_plain(value: Any, where: str) -> None:
-    """``TypeError`` naming the entry unless ``value`` is made of tensors, numbers, strings,
-    ``None``, lists, tuples and dicts with string or integer keys."""
-    if isinstance(value, torch.Tensor):
-        if value.layout != torch.strided:
-            raise TypeError(f"{where} is a {value.layout} tensor; checkpoints store dense ones")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            if type(key) not in (str, int):
-                raise TypeError(f"{where} has key {key!r}; checkpoint keys are str or int")
-            _check_plain(item, f"{where}[{key!r}]")
-    elif isinstance(value, list | tuple):
-        for i, item in enumerate(value):
-            _check_plain(item, f"{where}[{i}]")
-    elif type(value) not in _PLAIN:
-        raise TypeError(
-            f"{where} has type {type(value).__name__}; a checkpoint holds only tensors, "
-            "numbers, strings, None, and lists, tuples and dicts of them (convert it, e.g. "
-            "a NumPy array with torch.as_tensor, a path with str)"
-        )
-
-
-def _walk(value: Any) -> Iterator[bytes]:
-    """A byte stream that identifies ``value``'s contents (types, keys, shapes and data)."""
-    if isinstance(value, torch.Tensor):
-        data = value.detach().cpu().contiguous().reshape(-1)
-        yield f"T{data.dtype}{tuple(value.shape)}{value.requires_grad}".encode()
-        yield data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
-    elif isinstance(value, dict):
-        yield f"D{len(value)}".encode()
-        for key, item in value.items():
-            yield from _walk(key)
-            yield from _walk(item)
-    elif isinstance(value, list | tuple):
-        yield f"{type(value).__name__[0]}{len(value)}".encode()
-        for item in value:
-            yield from _walk(item)
-    elif isinstance(value, float):
-        yield b"F" + struct.pack("<d", value)
-    else:
-        text = repr(value).encode()
-        yield f"{type(value).__name__}{len(text)}:".encode() + text
-
-
-def _digest(contents: Mapping[str, Any]) -> str:
-    digest = hashlib.sha256()
-    for chunk in _walk({key: contents[key] for key in _ENTRIES if key in contents}):
-        digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _objective_state(objective: Any) -> dict | None:
     if objective is None:
         return None
@@ -300,25 +128,25 @@ def _objective_state(objective: Any) -> dict | None:
 def _contents(optim, objective, extra) -> dict[str, Any]:
     if extra is not None and not isinstance(extra, dict):
         raise TypeError(f"Expected extra to be a dict, actual {type(extra).__name__}")
-    _check_plain(extra or {}, "extra")
+    check_plain(extra or {}, "extra")
     store = pyro.get_param_store().get_state()
     state = _objective_state(objective)
     contents = {
         "param_store": {
             "params": store["params"],
             "constraints": {
-                name: _encode_constraint(c, f"parameter '{name}'")
+                name: encode_constraint(c, f"parameter '{name}'")
                 for name, c in store["constraints"].items()
             },
         },
         "optim": None if optim is None else optim.get_state(),
         "objective": state,
         "objective_type": None if state is None else type(objective).__name__,
-        "rng": _encode_rng(get_rng_state()),
+        "rng": encode_rng_state(get_rng_state()),
         "extra": extra or {},
     }
     for key in ("optim", "objective"):
-        _check_plain(contents[key], key)
+        check_plain(contents[key], key)
     return contents
 
 
@@ -353,7 +181,7 @@ def save(
     """
     path = Path(path)
     contents = _contents(optim, objective, extra)
-    payload = {"format": FORMAT_VERSION, "digest": _digest(contents), **contents}
+    payload = {"format": FORMAT_VERSION, "digest": content_digest(contents, _ENTRIES), **contents}
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -373,8 +201,8 @@ def save(
 # Reading: no code runs, every entry checked
 
 
-class _Malformed(Exception):
-    """What is wrong with a checkpoint; :func:`read` and :func:`restore` add the file."""
+#: What is wrong with a checkpoint; :func:`read` and :func:`restore` add the file.
+_Malformed = MalformedEntry
 
 
 def _format1_globals() -> list:
@@ -383,7 +211,13 @@ def _format1_globals() -> list:
         from numpy._core.multiarray import _reconstruct
     except ImportError:  # NumPy < 2
         from numpy.core.multiarray import _reconstruct
-    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)), *_CLASSES.values()]
+    return [
+        _reconstruct,
+        np.ndarray,
+        np.dtype,
+        type(np.dtype(np.uint32)),
+        *CONSTRAINT_CLASSES.values(),
+    ]
 
 
 def _unpickle(path: Path) -> Any:
@@ -428,7 +262,7 @@ def _check_param_store(store: Any) -> dict:
     for name, value in params.items():
         _expect(value, torch.Tensor, f"param_store.params.{name}")
     constraints = {
-        n: _decode_constraint(c, f"param_store.constraints.{n}") for n, c in codes.items()
+        n: decode_constraint(c, f"param_store.constraints.{n}") for n, c in codes.items()
     }
     return {"params": params, "constraints": constraints}
 
@@ -490,7 +324,7 @@ def _check(payload: Any) -> dict:
         digest = _entry(payload, "digest", str, "")
         for key in _ENTRIES:
             _entry(payload, key, object, "")
-        if digest != _digest(payload):
+        if digest != content_digest(payload, _ENTRIES):
             raise _Malformed("its contents do not match its digest: the file was damaged")
     else:
         for key in ("param_store", "optim", "objective", "rng", "extra"):
@@ -531,24 +365,9 @@ def read(path: str | os.PathLike, map_location: str | torch.device | None = "cpu
             f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
         ) from None
     if map_location is not None:  # after the digest was checked on the CPU; RNGs stay there
-        payload = {k: v if k == "rng" else _moved(v, map_location) for k, v in payload.items()}
+        payload = {k: v if k == "rng" else to_device(v, map_location) for k, v in payload.items()}
     payload["path"] = str(path)
     return payload
-
-
-def _moved(value: Any, device: str | torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        if value.device == torch.device(device):
-            return value
-        return value.detach().to(device).requires_grad_(value.requires_grad)  # a leaf again
-    if isinstance(value, dict):
-        moved = type(value)((k, _moved(v, device)) for k, v in value.items())
-        if hasattr(value, "_metadata"):  # a module's state_dict
-            moved._metadata = value._metadata
-        return moved
-    if isinstance(value, list | tuple):
-        return type(value)(_moved(v, device) for v in value)
-    return value
 
 
 # ------------------------------------------------------------------------------------------------
@@ -651,7 +470,7 @@ def _apply(payload: dict, objective, device, modules, optim) -> None:
     store = payload["param_store"]
     if device is not None:
         store = {**store, "params": {k: v.to(device) for k, v in store["params"].items()}}
-    rng = _decode_rng(payload["rng"])
+    rng = decode_rng_state(payload["rng"])
     if objective is not None and hasattr(objective, "load_state_dict"):
         objective.load_state_dict(payload["objective"])
     pyro.clear_param_store()
