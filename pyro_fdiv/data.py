@@ -10,15 +10,21 @@ all files directly in the directory)::
     DATA/omniglot/chardata.mat                                       (Burda et al.'s 28x28 set)
         or omniglot_28x28.npz                                        (an area-downsampled stand-in)
 
-Nothing here needs torchvision; :func:`load_mnist` can download through it with
-``download=True`` where it is installed and the network is reachable. A missing file raises a
-:class:`FileNotFoundError` listing the file names expected and the directories searched.
+Malformed files (a wrong magic number, a header whose sizes do not match the bytes present, a
+truncated or empty file, an array of the wrong shape, dtype or range, pickled objects in an
+``.npz``) raise a :class:`ValueError` naming the file; sizes announced by a header are checked
+before anything is allocated. Nothing here needs torchvision; :func:`load_mnist` can download
+through it with ``download=True`` where it is installed and the network is reachable. A missing
+file raises a :class:`FileNotFoundError` listing the file names expected and the directories
+searched.
 """
 
 from __future__ import annotations
 
 import gzip
+import math
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -68,15 +74,71 @@ def _find(root, sub: str, names: list[str]) -> Path:
     )
 
 
+#: Largest decompressed IDX payload read (MNIST's training images are 47 MB).
+MAX_IDX_BYTES = 1 << 32
+
+
+class _Malformed(ValueError):
+    """A data file that is not what its loader expects (the message names the file)."""
+
+
+def _malformed(path: Path, what: str) -> ValueError:
+    return _Malformed(f"{path} is not a valid data file: {what}")
+
+
 def _read_idx(path: Path) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        buf = f.read()
-    if buf[:3] != b"\x00\x00\x08":
-        raise ValueError(f"{path} is not an unsigned-byte IDX file (magic {buf[:4].hex()})")
-    ndim = buf[3]
-    shape = tuple(int.from_bytes(buf[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(buf, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    """An unsigned-byte IDX array. The header's sizes are checked against the bytes present
+    (for a ``.gz`` file, against at most :data:`MAX_IDX_BYTES`, read in a bounded stream)
+    before the array is allocated."""
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            head = f.read(4)
+            if len(head) < 4 or head[:3] != b"\x00\x00\x08" or not 1 <= head[3] <= 4:
+                raise _malformed(
+                    path, f"magic {head.hex() or '(empty)'}, expected 000008 then 1-4 dims"
+                )
+            dims = f.read(4 * head[3])
+            if len(dims) < 4 * head[3]:
+                raise _malformed(path, "the header is truncated")
+            shape = tuple(int.from_bytes(dims[i : i + 4], "big") for i in range(0, len(dims), 4))
+            size = math.prod(shape)
+            if size > MAX_IDX_BYTES or (path.suffix != ".gz" and size > path.stat().st_size):
+                raise _malformed(path, f"the header announces {shape}, more than the file holds")
+            data = f.read(size + 1)
+    except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
+        raise _malformed(path, f"it cannot be read ({type(error).__name__}: {error})") from None
+    if len(data) != size:
+        raise _malformed(path, f"the header announces {shape} = {size} bytes, {len(data)} follow")
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
+
+
+def _checked_images(path: Path, images: object, shape: tuple, binary: bool = False) -> np.ndarray:
+    """``images`` if it is a uint8 array of ``shape`` (``-1``: any size) with values in
+    {0, 1} when ``binary``; else a ValueError naming the file."""
+    fits = isinstance(images, np.ndarray) and images.ndim == len(shape)
+    fits = fits and all(s in (-1, n) for s, n in zip(shape, images.shape, strict=True))
+    if not fits or images.dtype.kind not in "uib":
+        got = (images.dtype, images.shape) if isinstance(images, np.ndarray) else type(images)
+        raise _malformed(path, f"expected an integer array of shape {shape}, got {got}")
+    if binary and images.size and (images.min() < 0 or images.max() > 1):
+        raise _malformed(path, "expected binary pixels in {0, 1}")
+    if not binary and images.size and (images.min() < 0 or images.max() > 255):
+        raise _malformed(path, "expected pixel values in [0, 255]")
+    return images.astype(np.uint8)
+
+
+def _npz_arrays(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of an ``.npz`` archive (no pickled objects: ``allow_pickle=False``)."""
+    try:
+        with open(path, "rb") as stream, np.load(stream, allow_pickle=False) as archive:
+            missing = [k for k in keys if k not in archive.files]
+            if missing:
+                raise _malformed(path, f"no arrays {missing}; it holds {sorted(archive.files)}")
+            return {k: archive[k] for k in keys}
+    except _Malformed:
+        raise
+    except Exception as error:  # a damaged archive fails in many ways (zip, zlib, npy header)
+        raise _malformed(path, f"it cannot be read ({type(error).__name__}: {error})") from None
 
 
 def _check_split(split: str, allowed: tuple[str, ...]) -> None:
@@ -146,8 +208,17 @@ def load_mnist(
         if not download:
             raise
         images_path = _download_mnist(root, image_file)
-    labels = torch.as_tensor(_read_idx(images_path.parent / label_file).astype(np.int64))
-    x = _tensor(_read_idx(images_path), dtype) / 255.0
+    label_path = images_path.parent / label_file
+    labels = _read_idx(label_path)
+    images = _read_idx(images_path)
+    if images.ndim != 3:
+        raise _malformed(images_path, f"expected images of shape (N, H, W), got {images.shape}")
+    if labels.shape != images.shape[:1] or (labels.size and labels.max() > 9):
+        raise _malformed(
+            label_path, f"expected {images.shape[0]} labels in 0-9 for {images_path.name}"
+        )
+    labels = torch.as_tensor(labels.astype(np.int64))
+    x = _tensor(images, dtype) / 255.0
     return _binarize(x, binarize, seed), labels
 
 
@@ -179,11 +250,13 @@ def load_binarized_mnist(
     _check_split(split, ("train", "valid", "test"))
     path = _find(root, "binarized_mnist", ["binarized_mnist.npz", f"binarized_mnist_{split}.amat"])
     if path.suffix == ".npz":
-        with np.load(path) as archive:
-            images = archive[split]
+        images = _npz_arrays(path, (split,))[split]
     else:
-        images = np.loadtxt(path, dtype=np.uint8)
-    return _tensor(images, dtype)
+        try:
+            images = np.loadtxt(path, dtype=np.int64, ndmin=2)
+        except (ValueError, OSError) as error:
+            raise _malformed(path, f"expected rows of 0/1 integers ({error})") from None
+    return _tensor(_checked_images(path, images, (-1, -1), binary=True), dtype)
 
 
 def load_omniglot(
@@ -207,16 +280,37 @@ def load_omniglot(
     _check_split(split, ("train", "test"))
     path = _find(root, "omniglot", ["chardata.mat", "omniglot_28x28.npz"])
     if path.suffix == ".mat":
-        from scipy.io import loadmat
-
-        mat = loadmat(path)
-        images = mat["data" if split == "train" else "testdata"].T.reshape(-1, 28, 28)
-        x = _tensor(np.ascontiguousarray(images.transpose(0, 2, 1)), dtype)  # column-major
+        x = _tensor(_chardata(path, "data" if split == "train" else "testdata"), dtype)
     else:
-        with np.load(path) as archive:
-            keep = archive["drawer"] < 15 if split == "train" else archive["drawer"] >= 15
-            x = _tensor(archive["images"][keep], dtype) / 255.0
+        arrays = _npz_arrays(path, ("images", "drawer"))
+        images = _checked_images(path, arrays["images"], (-1, 28, 28))
+        drawer = arrays["drawer"]
+        if drawer.dtype.kind not in "iu" or drawer.shape != images.shape[:1]:
+            raise _malformed(path, f"expected {len(images)} integer drawer indices")
+        keep = drawer < 15 if split == "train" else drawer >= 15
+        x = _tensor(images[keep], dtype) / 255.0
     return _binarize(x, binarize, seed)
+
+
+def _chardata(path: Path, key: str) -> np.ndarray:
+    """Burda et al.'s ``chardata.mat`` array ``key``: 784 rows of pixels in [0, 1], stored
+    column-major, as ``(N, 28, 28)`` row-major floats."""
+    from scipy.io import loadmat
+
+    try:
+        images = loadmat(path)[key]
+    except KeyError:
+        raise _malformed(path, f"no array '{key}'") from None
+    except Exception as error:  # scipy's MAT parser fails in many ways on a damaged file
+        raise _malformed(path, f"it cannot be read ({type(error).__name__}: {error})") from None
+    if not (isinstance(images, np.ndarray) and images.ndim == 2 and images.shape[0] == 784):
+        raise _malformed(path, f"expected '{key}' of shape (784, N), got {np.shape(images)}")
+    if images.dtype.kind not in "fiub" or (
+        images.size and not 0 <= images.min() <= images.max() <= 1
+    ):
+        raise _malformed(path, f"expected '{key}' pixels in [0, 1]")
+    images = images.T.reshape(-1, 28, 28)
+    return np.ascontiguousarray(images.transpose(0, 2, 1)).astype(np.float64)
 
 
 def load_dataset(name: str, root=None, split: str = "train", **kwargs) -> torch.Tensor:
