@@ -19,47 +19,67 @@ evaluations whatever :math:`S` and the data size. No gradients are kept.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
 
 import torch
+from pyro.poutine.indep_messenger import CondIndepStackFrame
 from tqdm.auto import tqdm
 
-from pyro_fdiv.inference.importance import LogWeights, get_log_weights
-from pyro_fdiv.inference.iwae import IWAE
-from pyro_fdiv.inference.objective import check_integer, rng_preserved
+from pyro_fdiv.inference.importance import (
+    LogWeights,
+    guess_max_plate_nesting,
+    importance_trace,
+    sample_sites,
+)
+from pyro_fdiv.inference.objective import check_integer
 
 __all__ = ["log_likelihood"]
 
 
-def _max_plate_nesting(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> int:
-    objective = IWAE(num_particles=1)
-    log = logging.getLogger("pyro.infer.elbo")
-    level = log.level
-    log.setLevel(logging.WARNING)  # no "Guessed max_plate_nesting" line per evaluation
-    try:
-        with rng_preserved():
-            objective._guess_max_plate_nesting(model, guide, args, kwargs)
-    finally:
-        log.setLevel(level)
-    return objective.max_plate_nesting
+def _data_plate(weights: LogWeights, num_rows: int, name: str | None) -> CondIndepStackFrame:
+    """The plate over the data's rows: the one named ``name``, else the plate at the leading
+    batch dim of an observed site holding the rows (a row's other dims are its event or inner
+    plates), as JSA and the f-divergence bound find theirs; never one that only has the size."""
+    frames = {
+        f.name: f for s in sample_sites(weights.model_trace).values() for f in s["cond_indep_stack"]
+    }
+    if name is not None:
+        if name not in frames or not frames[name].vectorized:
+            raise ValueError(
+                f"data_plate {name!r} is not a vectorized plate of the model; plates: "
+                f"{sorted(n for n, f in frames.items() if f.vectorized)}"
+            )
+        return frames[name]
+    for site in sample_sites(weights.model_trace).values():
+        value = site["value"]
+        if not site["is_observed"] or value.dim() <= site["fn"].event_dim:
+            continue
+        dim = site["fn"].event_dim - value.dim()  # the value's leading batch dim
+        for frame in site["cond_indep_stack"]:
+            if frame.vectorized and frame.dim == dim and value.shape[0] == num_rows:
+                return frame
+    raise ValueError(
+        f"log_likelihood needs a plate over the data's first dimension (size {num_rows}) "
+        "around an observed site whose leading batch dim holds the rows; none found. Observe "
+        "the batch (obs=x) inside pyro.plate('data', len(x)), or name the plate with data_plate=."
+    )
 
 
-def _per_data_point(weights: LogWeights, num_rows: int) -> torch.Tensor:
-    """``(K, num_rows)`` log weights: the shared plate over the data's rows kept, other shared
-    plates (e.g. pixels in a plate inside it) summed into each row."""
-    sizes = [frame.size for frame in weights.plates]
-    if num_rows not in sizes:
-        plates = [f"{frame.name!r} (size {frame.size})" for frame in weights.plates]
+def _per_data_point(weights: LogWeights, num_rows: int, name: str | None) -> torch.Tensor:
+    """``(K, num_rows)`` log weights: the data plate kept, other shared plates (e.g. pixels in a
+    plate inside it) summed into each row."""
+    frame = _data_plate(weights, num_rows, name)
+    if frame not in weights.plates:
+        plates = [f"{f.name!r} (size {f.size})" for f in weights.plates]
         raise ValueError(
-            f"log_likelihood needs a plate over the data's first dimension (size {num_rows}) "
-            f"that every sample site shares; the shared plates are {plates or 'none'}. A latent "
-            "outside it (a global latent) couples the data points, so there is no "
-            "per-data-point likelihood: put the global latents in pyro.param, or estimate the "
-            "joint log p(x_1..x_n) with batch_size=len(data) and a model without that plate."
+            f"log_likelihood needs the data plate {frame.name!r} (size {num_rows}) to enclose "
+            f"every sample site; the shared plates are {plates or 'none'}. A latent outside it "
+            "(a global latent) couples the data points, so there is no per-data-point "
+            "likelihood: put the global latents in pyro.param, or estimate the joint "
+            "log p(x_1..x_n) with batch_size=len(data) and a model without that plate."
         )
-    keep = 1 + sizes.index(num_rows)  # the outermost such plate
+    keep = 1 + weights.plates.index(frame)
     others = [d for d in range(1, weights.log_w.dim()) if d != keep]
     return weights.log_w.sum(others) if others else weights.log_w
 
@@ -74,6 +94,7 @@ def log_likelihood(
     batch_size: int = 100,
     particle_chunk: int | None = None,
     progress: bool = False,
+    data_plate: str | None = None,
     **kwargs,
 ) -> torch.Tensor:
     r"""
@@ -93,6 +114,8 @@ def log_likelihood(
     :param int particle_chunk: particles per vectorized pass (default: as many as keep
         ``batch_size × particle_chunk ≤ 20,000``).
     :param bool progress: show a progress bar over the batches.
+    :param str data_plate: the name of the plate over the data's rows; by default the plate at
+        the leading batch dim of the observed site that holds the rows.
     :returns: a tensor of shape ``(len(data),)``.
     :raises ValueError: for bad sizes, an implicit guide (named by its site), or no plate over
         the data's first dimension shared by every site (global latents).
@@ -103,7 +126,7 @@ def log_likelihood(
         particle_chunk = max(1, 20_000 // batch_size)
     check_integer("particle_chunk", particle_chunk, 1)
     particle_chunk = min(particle_chunk, num_samples)
-    max_plate_nesting = _max_plate_nesting(model, guide, (data[:batch_size], *args), kwargs)
+    max_plate_nesting = guess_max_plate_nesting(model, guide, (data[:batch_size], *args), kwargs)
     results = []
     starts = range(0, len(data), batch_size)
     for start in tqdm(starts, desc="log-likelihood", disable=not progress, leave=False):
@@ -111,8 +134,16 @@ def log_likelihood(
         total = None
         for done in range(0, num_samples, particle_chunk):
             size = min(particle_chunk, num_samples - done)
-            weights = get_log_weights(model, guide, batch_args, kwargs, size, max_plate_nesting)
-            chunk = torch.logsumexp(_per_data_point(weights, len(batch_args[0])), dim=0)
+            weights = importance_trace(
+                model,
+                guide,
+                batch_args,
+                kwargs,
+                num_particles=size,
+                max_plate_nesting=max_plate_nesting,
+            )
+            log_w = _per_data_point(weights, len(batch_args[0]), data_plate)
+            chunk = torch.logsumexp(log_w, dim=0)
             total = chunk if total is None else torch.logaddexp(total, chunk)
         results.append(total - math.log(num_samples))
     return torch.cat(results)

@@ -148,3 +148,25 @@ def test_inner_plates_are_summed_into_each_row_and_global_latents_are_refused():
 
     with pytest.raises(ValueError, match="global latent"):
         log_likelihood(global_model, global_guide, x, num_samples=3)
+
+
+def test_data_plate_is_found_by_the_datas_dimension_not_by_its_size():
+    """An outer plate that happens to have as many elements as the batch has rows is not the
+    data plate: the rows are the observation's leading batch dim (or the plate named)."""
+    x = 2.0 * torch.randn(3)
+
+    def model(x):  # three independent replicates of every data point, each with its own z
+        with pyro.plate("replicates", 3, dim=-2), pyro.plate("data", len(x), dim=-1):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("replicates", 3, dim=-2), pyro.plate("data", len(x), dim=-1):
+            pyro.sample("z", dist.Normal(x / 2, 0.5**0.5))  # the exact posterior
+
+    exact = 3 * dist.Normal(0.0, 2.0**0.5).log_prob(x)
+    for kwargs in ({}, {"data_plate": "data"}):
+        estimate = log_likelihood(model, guide, x, num_samples=4, **kwargs)
+        torch.testing.assert_close(estimate, exact, rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="data_plate 'rows' is not a vectorized plate"):
+        log_likelihood(model, guide, x, num_samples=4, data_plate="rows")

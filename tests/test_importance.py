@@ -284,3 +284,23 @@ def test_validation_first_or_always(validation):
             objective.loss(bernoulli_decoder_model, normal_guide, bad[:3])
     with pytest.raises(ValueError, match="validation in"):
         IWAE(validation="never")
+
+
+def test_non_finite_loss_blames_only_sites_non_finite_where_unmasked():
+    x = torch.tensor([float("inf"), 0.5, -0.2])
+
+    def model(x):
+        with pyro.plate("data", 3):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            with pyro.poutine.mask(mask=torch.isfinite(x)):  # the inf is masked out: finite
+                pyro.sample("masked", dist.Normal(z, 1.0), obs=x)
+            pyro.sample("bad", dist.Normal(z, 1.0), obs=x.flip(0))
+
+    def guide(x):
+        with pyro.plate("data", 3):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    with pyro.validation_enabled(False), pytest.raises(ValueError) as info:
+        IWAE(num_particles=2, max_plate_nesting=1).loss(model, guide, x)
+    assert "model site 'bad' (2 non-finite" in str(info.value)
+    assert "'masked'" not in str(info.value)

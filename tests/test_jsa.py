@@ -621,3 +621,56 @@ def test_eight_schools_chain_is_close_to_nuts(tmp_path):
     assert chain["mean_abs_z"] < 0.02 and chain["max_w1"] < 0.06
     # the inclusive-KL guide covers the posterior better than the full-rank ELBO (0.364)
     assert guide["exact_kl_ref_q"] < 0.3 and guide["khat"] < 0.8  # k-hat: 0.49-0.71 seen
+
+
+# ----------------------------------------------------------------------------------------------
+# Regressions
+
+
+def test_load_state_dict_keeps_the_modules_dtype_and_device():
+    """A checkpoint's cache lands on the module's device and in its dtype, not the
+    checkpoint's (a CPU checkpoint loaded into a CUDA model: the meta device shows the same)."""
+    x = torch.randn(6, 2)
+    jsa = JSA(num_data=6, num_particles=2)
+    jsa.loss_and_grads(linear_gaussian, poor_gaussian_guide, x)
+    state = jsa.state_dict()  # float64, CPU
+    trained = JSA(num_data=6, num_particles=2)
+    trained.load_state_dict(state)
+    trained.to(torch.float32)
+    trained.load_state_dict(state)
+    fresh = JSA(num_data=6, num_particles=2).to(torch.float32)
+    fresh.load_state_dict(state)
+    for restored in (trained, fresh):
+        assert restored.samples()["z"].dtype == torch.float32
+        torch.testing.assert_close(restored.samples()["z"], jsa.samples()["z"].float())
+    torch.set_default_dtype(torch.float32)  # the conftest fixture restores it
+    fresh.loss_and_grads(linear_gaussian, poor_gaussian_guide, x.float())  # the chains' dtype
+    meta = JSA(num_data=6, num_particles=2).to("meta")
+    with pytest.warns(UserWarning, match="to a meta parameter"):  # torch: a no-op copy
+        meta.load_state_dict(state)
+    assert {buf.device.type for buf in meta.buffers()} == {"meta"}
+
+
+def test_reset_starts_like_a_freshly_constructed_jsa():
+    """reset() also forgets the data plate, the blocks and a guessed max_plate_nesting."""
+
+    def grid_model(x):
+        with pyro.plate("rows", 6, dim=-2), pyro.plate("cols", 2, dim=-1):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def grid_guide(x):
+        with pyro.plate("rows", 6, dim=-2), pyro.plate("cols", 2, dim=-1):
+            pyro.sample("z", dist.Normal(x / 2, 1.0))
+
+    x = torch.randn(6, 2)
+    jsa = JSA(num_data=6, num_particles=3)
+    jsa.loss_and_grads(linear_gaussian, poor_gaussian_guide, x)  # data plate "data", 1 plate
+    jsa.reset()
+    runs = []
+    for objective in (jsa, JSA(num_data=6, num_particles=3)):
+        pyro.set_rng_seed(4)
+        losses = [objective.loss_and_grads(grid_model, grid_guide, x) for _ in range(2)]
+        runs.append((losses, objective.samples()["z"]))
+    assert runs[0][0] == runs[1][0]
+    assert torch.equal(runs[0][1], runs[1][1]) and runs[0][1].shape == (6, 2)

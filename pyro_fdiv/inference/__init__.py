@@ -5,7 +5,12 @@ from pyro_fdiv.inference.black_box_alpha import BlackBoxAlpha
 from pyro_fdiv.inference.fdiv_bound import FDivergenceBound
 from pyro_fdiv.inference.fgan import FGANBound
 from pyro_fdiv.inference.implicit import AutoImplicit, Implicit, implicit_sample
-from pyro_fdiv.inference.importance import LogWeights, get_log_weights
+from pyro_fdiv.inference.importance import (
+    LogWeights,
+    get_log_weights,
+    guess_max_plate_nesting,
+    importance_trace,
+)
 from pyro_fdiv.inference.iwae import IWAE
 from pyro_fdiv.inference.jsa import JSA
 from pyro_fdiv.inference.objective import ImportanceObjective
@@ -25,5 +30,7 @@ __all__ = [
     "LogWeights",
     "SpreadSchedule",
     "get_log_weights",
+    "guess_max_plate_nesting",
     "implicit_sample",
+    "importance_trace",
 ]

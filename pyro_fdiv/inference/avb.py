@@ -11,28 +11,24 @@ import torch
 import torch.nn.functional as F
 from pyro import poutine
 from pyro.distributions.transforms import biject_to
-from pyro.distributions.util import is_identically_one, scale_and_mask, sum_rightmost
+from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide.utils import helpful_support_errors
 from pyro.infer.elbo import ELBO
-from pyro.infer.util import is_validation_enabled
 from pyro.poutine.indep_messenger import CondIndepStackFrame
 from pyro.poutine.trace_struct import Trace
-from pyro.poutine.util import prune_subsample_sites, site_is_subsample
-from pyro.util import check_model_guide_match
+from pyro.poutine.util import site_is_subsample
 from torch import nn
 from torch.func import functional_call
 
 from pyro_fdiv.inference.importance import (
-    _check_sites,
-    _particle_plate,
-    _reduce,
-    _sample_sites,
-    _shared_plates,
-    _site_term,
+    LogWeights,
     check_flag,
     checked_value,
+    guess_max_plate_nesting,
+    importance_trace,
+    sample_sites,
 )
-from pyro_fdiv.inference.objective import check_integer, check_num_particles, rng_preserved
+from pyro_fdiv.inference.objective import check_integer, check_num_particles
 
 __all__ = ["AVB", "Discriminator"]
 
@@ -73,15 +69,12 @@ class Discriminator(nn.Module):
 class _Draw(NamedTuple):
     """One vectorized run of guide and model, reduced to ``(K,) + batch_shape`` terms."""
 
-    model_trace: Trace
-    guide_trace: Trace
+    weights: LogWeights  # the guide's density is not evaluated: log_w is log p(x, z)
     log_joint: torch.Tensor  # log p(x, z), every model site
     log_lik: torch.Tensor  # observed sites only
     log_jac: torch.Tensor  # log |d z / d zeta| of the latent sites' bijections
     z: torch.Tensor  # (K,) + batch_shape + (z_dim,): unconstrained latent features
     x: torch.Tensor | None  # (K,) + batch_shape + (x_dim,) observed features, amortized only
-    scale: float
-    plates: tuple[CondIndepStackFrame, ...]
 
 
 def _flatten(
@@ -119,17 +112,6 @@ def _describe(fn: Any) -> str:
     """``Independent(Bernoulli)`` for a distribution wrapped in ``.to_event``."""
     base = getattr(fn, "base_dist", None)
     return type(fn).__name__ + (f"({_describe(base)})" if base is not None else "")
-
-
-def _is_latent(site: dict) -> bool:
-    return not site["is_observed"]
-
-
-def _scaled(term: torch.Tensor, site: dict, scale: float) -> torch.Tensor:
-    site_scale = site["scale"] if scale == 1.0 else site["scale"] / scale
-    if is_identically_one(site_scale) and site["mask"] is None:
-        return term
-    return scale_and_mask(term, site_scale, site["mask"])
 
 
 class AVB(ELBO):
@@ -307,36 +289,15 @@ class AVB(ELBO):
     # ---------------------------------------------------------------------------------------
     # Traces and features
 
-    def _guess_max_plate_nesting(self, model, guide, args, kwargs) -> None:
-        # Pyro's guess evaluates the guide's log_prob under validation: not for implicit sites.
-        with poutine.block():
-            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-                *args, **kwargs
-            )
-        dims = [
-            frame.dim
-            for trace in (model_trace, guide_trace)
-            for site in prune_subsample_sites(trace).nodes.values()
-            if site["type"] == "sample"
-            for frame in site["cond_indep_stack"]
-            if frame.vectorized
-        ]
-        self.max_plate_nesting = -min(dims) if dims else 0
-
-    def _ensure_max_plate_nesting(self, model, guide, args, kwargs) -> None:
-        if self.max_plate_nesting == float("inf"):
-            with rng_preserved():  # the guess runs the guide: keep the caller's stream
-                self._guess_max_plate_nesting(model, guide, args, kwargs)
-
     def _latent_features(
-        self, trace: Trace, plates, scale: float, with_jacobian: bool
+        self, trace: Trace, plates, weights: LogWeights | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """The latent sites' unconstrained values as features and, given the ``weights`` of
+        the draw, the log-Jacobian of their bijections reduced like its terms."""
         k, mpn = self.num_particles, self.max_plate_nesting
-        keep_dims = tuple(frame.dim for frame in plates)
         features, log_jac = [], 0.0
-        for name, site in _sample_sites(trace).items():
-            if not _is_latent(site):
+        for name, site in sample_sites(trace).items():
+            if site["is_observed"]:
                 continue
             fn, value = site["fn"], site["value"]
             if fn.support.is_discrete:
@@ -352,11 +313,10 @@ class AVB(ELBO):
             zeta = transform.inv(value)
             event_dim = fn.event_dim + zeta.dim() - value.dim()
             features.append(_flatten(zeta, event_dim, plates, k, mpn, name))
-            if with_jacobian:
+            if weights is not None:
                 ldj = transform.log_abs_det_jacobian(zeta, value)
                 ldj = sum_rightmost(ldj, ldj.dim() - value.dim() + fn.event_dim)
-                ldj = _scaled(ldj, site, scale)
-                log_jac = log_jac + _reduce(ldj, name, keep_dims, mpn)
+                log_jac = log_jac + weights.reduce(ldj, site, name)
         if not features:
             raise ValueError(
                 "The model has no latent sample sites: AVB has nothing to infer. Leave out the "
@@ -367,65 +327,42 @@ class AVB(ELBO):
     def _draw(self, model, guide, args, kwargs) -> _Draw:
         """Run the guide with ``K`` vectorized particles and replay the model against it."""
         k, mpn = self.num_particles, self.max_plate_nesting
-        guide_trace = poutine.trace(_particle_plate(guide, k, mpn)).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(
-            poutine.replay(_particle_plate(model, k, mpn), trace=guide_trace)
-        ).get_trace(*args, **kwargs)
-        model_sites, guide_sites = _sample_sites(model_trace), _sample_sites(guide_trace)
-        _check_sites(model_sites, guide_sites)
-        if is_validation_enabled():
-            check_model_guide_match(model_trace, guide_trace, mpn)
-        sites = {
-            **{f"model site '{n}'": s for n, s in model_sites.items()},
-            **{
-                f"guide site '{n}'": s
-                for n, s in guide_sites.items()
-                if not s["infer"].get("is_auxiliary")
-            },
-        }
-        plates, scale = _shared_plates(list(sites.values()), list(sites))
-        keep_dims = tuple(frame.dim for frame in plates)
-
-        log_joint, log_lik = 0.0, 0.0
-        x_features = []
-        for name, site in model_sites.items():
-            term = _site_term(name, site, scale, keep_dims, mpn)
-            log_joint = log_joint + term
+        weights = importance_trace(
+            model, guide, args, kwargs, num_particles=k, max_plate_nesting=mpn, guide_density=False
+        )
+        model_sites = sample_sites(weights.model_trace)
+        log_lik, x_features = 0.0, []
+        for name, term in weights.model_terms.items():
+            site = model_sites[name]
             if site["is_observed"]:
                 log_lik = log_lik + term
-                if plates and not site["infer"].get("_deterministic"):
-                    x_features.append(
-                        _flatten(site["value"], site["fn"].event_dim, plates, k, mpn, name)
-                    )
-        z, log_jac = self._latent_features(model_trace, plates, scale, with_jacobian=True)
-        shape = z.shape[:-1]
+                if weights.plates and not site["infer"].get("_deterministic"):
+                    value, event_dim = site["value"], site["fn"].event_dim
+                    x_features.append(_flatten(value, event_dim, weights.plates, k, mpn, name))
+        z, log_jac = self._latent_features(weights.model_trace, weights.plates, weights)
         x = torch.cat([f.to(z) for f in x_features], dim=-1) if x_features else None
-        zero = z.new_zeros(shape)
-        return _Draw(
-            model_trace,
-            guide_trace,
-            log_joint + zero,
-            log_lik + zero,
-            log_jac + zero,
-            z,
-            x,
-            scale,
-            plates,
-        )
+        zero = z.new_zeros(z.shape[:-1])
+        return _Draw(weights, weights.log_w + zero, log_lik + zero, log_jac + zero, z, x)
 
     def _prior_features(self, model, draw: _Draw, args, kwargs) -> torch.Tensor:
         """Latent features of the model run with its latents drawn from the prior (the same
         data and subsample), detached."""
-        subsample = Trace(graph_type=draw.guide_trace.graph_type)
-        for name, site in draw.guide_trace.nodes.items():
+        guide_trace = draw.weights.guide_trace
+        subsample = Trace(graph_type=guide_trace.graph_type)
+        for name, site in guide_trace.nodes.items():
             if site["type"] == "sample" and site_is_subsample(site):
                 subsample.add_node(name, **site)
-        k, mpn = self.num_particles, self.max_plate_nesting
         with torch.no_grad(), poutine.block():
-            prior_trace = poutine.trace(
-                poutine.replay(_particle_plate(model, k, mpn), trace=subsample)
-            ).get_trace(*args, **kwargs)
-        z, _ = self._latent_features(prior_trace, draw.plates, draw.scale, with_jacobian=False)
+            prior = importance_trace(
+                model,
+                None,
+                args,
+                kwargs,
+                num_particles=self.num_particles,
+                max_plate_nesting=self.max_plate_nesting,
+                model_handler=poutine.replay(trace=subsample),
+            )
+        z, _ = self._latent_features(prior.model_trace, draw.weights.plates)
         if z.shape != draw.z.shape:
             raise ValueError(
                 f"Prior samples have latent features of shape {tuple(z.shape)}, guide samples "
@@ -521,7 +458,8 @@ class AVB(ELBO):
     # Entry points
 
     def _prepare(self, model, guide, args, kwargs) -> _Draw:
-        self._ensure_max_plate_nesting(model, guide, args, kwargs)
+        if self.max_plate_nesting == float("inf"):
+            self.max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
         draw = self._draw(model, guide, args, kwargs)
         self._ensure_discriminator(draw)
         return draw
@@ -529,14 +467,14 @@ class AVB(ELBO):
     def _get_trace(self, model, guide, args, kwargs):
         """The model and guide traces of one vectorized run (Pyro's ``ELBO`` interface)."""
         draw = self._prepare(model, guide, args, kwargs)
-        return draw.model_trace, draw.guide_trace
+        return draw.weights.model_trace, draw.weights.guide_trace
 
     def _checked(self, loss: torch.Tensor, draw: _Draw) -> float:
         # the guide's sites may be implicit (no density): only the model's are scored
         return checked_value(
             loss,
             "AVB",
-            traces={"model": draw.model_trace},
+            traces={"model": draw.weights.model_trace},
             check_finite=self.check_finite,
             otherwise="no model site: the discriminator output or log r",
         )
@@ -549,7 +487,7 @@ class AVB(ELBO):
         :rtype: float
         """
         draw = self._prepare(model, guide, args, kwargs)
-        return self._checked(-self._elbo(draw).mean(0).sum() * draw.scale, draw)
+        return self._checked(-self._elbo(draw).mean(0).sum() * draw.weights.scale, draw)
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """
@@ -560,7 +498,7 @@ class AVB(ELBO):
             ``check_finite``).
         """
         draw = self._prepare(model, guide, args, kwargs)
-        loss = -self._elbo(draw).mean(0).sum() * draw.scale
+        loss = -self._elbo(draw).mean(0).sum() * draw.weights.scale
         if self.check_finite:
             self._checked(loss.detach(), draw)
         return loss
@@ -575,7 +513,7 @@ class AVB(ELBO):
             ``check_finite``).
         """
         draw = self._prepare(model, guide, args, kwargs)
-        loss = -self._elbo(draw).mean(0).sum() * draw.scale
+        loss = -self._elbo(draw).mean(0).sum() * draw.weights.scale
         value = self._checked(loss, draw)
         if loss.requires_grad:
             loss.backward(retain_graph=self.retain_graph)

@@ -5,12 +5,7 @@ from __future__ import annotations
 import torch
 from pyro.poutine.util import site_is_subsample
 
-from pyro_fdiv.inference.importance import (
-    LogWeights,
-    guide_log_prob_at_detached,
-    log_mean_exp,
-    reparam_roots,
-)
+from pyro_fdiv.inference.importance import LogWeights, log_mean_exp, reparam_roots
 from pyro_fdiv.inference.objective import ImportanceObjective
 
 __all__ = ["IWAE"]
@@ -109,24 +104,24 @@ class IWAE(ImportanceObjective):
         r""":math:`\log \frac{1}{K}\sum_k w_k` along ``dim``."""
         return log_mean_exp(log_w, dim)
 
-    def _surrogate(self, weights: LogWeights, model, guide, args, kwargs) -> torch.Tensor:
+    def _trace_options(self, differentiable: bool) -> dict:
+        # STL and DReG: log_w without the guide's direct dependence on its parameters
+        return {"detach_guide": differentiable and self.gradient_estimator != "reparam"}
+
+    def _surrogate(self, weights: LogWeights) -> torch.Tensor:
         if self.gradient_estimator == "reparam":
-            return super()._surrogate(weights, model, guide, args, kwargs)
+            return super()._surrogate(weights)
         if weights.score is not None:
             raise ValueError(
                 f"gradient_estimator={self.gradient_estimator!r} needs reparameterized guide "
                 f"sites, but {_non_reparam_sites(weights)} cannot be reparameterized. "
                 "Use gradient_estimator='reparam' (score-function terms with a VIMCO baseline)."
             )
-        log_q_bar = guide_log_prob_at_detached(
-            guide, weights, args, kwargs, self.num_particles, self.max_plate_nesting
-        )
-        log_w_stl = weights.log_w + (log_q_bar - log_q_bar.detach())
         if self.gradient_estimator == "stl":
-            return self.bound(log_w_stl)
+            return self.bound(weights.log_w)
         w_tilde = torch.softmax(weights.log_w.detach(), dim=0)
         self._square_guide_weights(weights, w_tilde)
-        surrogate = (w_tilde * log_w_stl).sum(0)
+        surrogate = (w_tilde * weights.log_w).sum(0)
         return self.bound(weights.log_w.detach()) + (surrogate - surrogate.detach())
 
     def _square_guide_weights(self, weights: LogWeights, w_tilde: torch.Tensor) -> None:

@@ -3,58 +3,46 @@ Metropolis independence chains that use the guide as their proposal."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
-
 import pyro
 import torch
 from pyro import poutine
-from pyro.distributions import Delta
 from pyro.infer.elbo import ELBO
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.indep_messenger import CondIndepStackFrame
-from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
-from pyro.poutine.util import site_is_subsample
-from pyro.util import check_model_guide_match
-from torch import nn
 
 from pyro_fdiv.inference import mis
+from pyro_fdiv.inference.chains import (
+    BLOCKS,
+    GLOBAL,
+    LOCAL,
+    ChainMessenger,
+    ChainStore,
+    ChainUpdate,
+    ChainView,
+    Layout,
+    from_slots,
+    is_delta,
+    site_layout,
+)
 from pyro_fdiv.inference.importance import (
-    PARTICLE_PLATE,
-    _check_sites,
+    LogWeights,
+    SiteError,
     check_flag,
     checked_value,
-    site_log_prob,
+    guess_max_plate_nesting,
+    importance_trace,
+    sample_sites,
+    vectorized_frames,
 )
 from pyro_fdiv.inference.objective import check_integer, check_num_particles, rng_preserved
 
 __all__ = ["JSA"]
 
-LOCAL, GLOBAL = "local", "global"
-_BLOCKS = (LOCAL, GLOBAL)
-#: Decay of the running average of the acceptance rate (about the last 100 steps).
-ACCEPTANCE_DECAY = 0.99
-
-
-def _is_delta(fn: Any) -> bool:
-    """Whether a site's distribution is a (masked, expanded, independent) ``Delta``."""
-    while True:
-        if isinstance(fn, Delta):
-            return True
-        inner = getattr(fn, "base_dist", None)
-        if inner is None:
-            return False
-        fn = inner
-
-
-def _vectorized_frames(site: dict) -> list[CondIndepStackFrame]:
-    return [f for f in site["cond_indep_stack"] if f.vectorized and f.name != PARTICLE_PLATE]
-
 
 def _in_plate(site: dict, name: str) -> bool:
     # by name: a frame also records the (sub)sample size, which may change between steps
-    return any(f.name == name for f in _vectorized_frames(site))
+    return any(f.name == name for f in vectorized_frames(site))
 
 
 def _delta_message(name: str) -> str:
@@ -67,140 +55,10 @@ def _delta_message(name: str) -> str:
 
 
 def _latent_sites(trace: Trace) -> dict[str, dict]:
-    return {
-        name: site
-        for name, site in trace.nodes.items()
-        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
-    }
+    return {name: site for name, site in sample_sites(trace).items() if not site["is_observed"]}
 
 
-def _sample_sites(trace: Trace) -> dict[str, dict]:
-    return {
-        name: site
-        for name, site in trace.nodes.items()
-        if site["type"] == "sample" and not site_is_subsample(site)
-    }
-
-
-class _Layout(NamedTuple):
-    """Where a site's per-chain value lives in a vectorized value of shape
-    ``(slots,) + batch_shape + event_shape`` (``len(batch_shape) == max_plate_nesting``)."""
-
-    kind: str  # LOCAL (one chain per data point) or GLOBAL (one chain)
-    depth: int  # number of rightmost batch dims kept (the site's plates); the rest are 1
-    data_pos: int  # LOCAL: position of the data dim among the kept dims
-
-
-class _SiteSpec(NamedTuple):
-    """What the cache stores for a site: one value of ``shape`` per chain."""
-
-    kind: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-
-@dataclass
-class _Step:
-    """One step's transition, computed but not yet written to the chains."""
-
-    loss: torch.Tensor
-    indices: torch.Tensor | None
-    values: dict[str, torch.Tensor]
-    specs: dict[str, _SiteSpec]
-    rates: dict[str, float]
-    history: list[dict[str, torch.Tensor]] = field(default_factory=list)
-    traces: tuple = ()
-
-
-class _Context:
-    """One step's view of the chains: their current values in cache layout (read lazily from
-    the cache, once the data plate's subsample is known) and the pinned subsamples."""
-
-    def __init__(self, jsa: JSA) -> None:
-        self.jsa = jsa
-        self.subsamples: dict[str, torch.Tensor] = {}
-        self.values: dict[str, torch.Tensor] = {}
-        self.initialized: dict[str, torch.Tensor | bool] = {}
-        self._indices: torch.Tensor | None = None
-
-    @property
-    def indices(self) -> torch.Tensor | None:
-        if self._indices is None and self.jsa._prototype["frame"] is not None:
-            self._indices = self.jsa._indices(self.subsamples)
-        return self._indices
-
-    def current(self, name: str, spec: _SiteSpec) -> tuple[torch.Tensor | None, Any]:
-        """The chains' value of site ``name`` and which chains are initialized."""
-        if name not in self.values:
-            jsa = self.jsa
-            if name not in jsa._buffer_names:
-                return None, False
-            buf = getattr(jsa, jsa._buffer_names[name])
-            warm = int(jsa.num_steps) < jsa.warmup_without_cache
-            if spec.kind == LOCAL:
-                indices = self.indices.to(buf.device)
-                self.values[name] = buf[indices]
-                init = jsa.initialized[indices]
-                self.initialized[name] = torch.zeros_like(init) if warm else init
-            else:
-                self.values[name] = buf
-                self.initialized[name] = bool(jsa.global_initialized) and not warm
-        return self.values[name], self.initialized[name]
-
-
-class _ChainMessenger(Messenger):
-    r"""
-    Runs a guide with ``slots = 1 + K`` values per latent site in an outer plate: slot 0 holds
-    the chains' current value (a fresh draw where a chain is not initialized), slots ``1..K``
-    fresh proposals for the sites of the block being moved; the other block's sites hold their
-    current value in every slot. Values are detached (no reparameterization). ``Delta`` sites
-    are left alone: they follow the sites they are computed from. Subsample indices are
-    recorded on the first run of a step and replayed on the later ones.
-    """
-
-    def __init__(self, context: _Context, block: str | None) -> None:
-        super().__init__()
-        self.context = context
-        self.block = block  # None: only pin subsamples (the model)
-
-    def _pyro_sample(self, msg: dict) -> None:
-        name = msg["name"]
-        if site_is_subsample(msg):
-            if name != PARTICLE_PLATE and name in self.context.subsamples:
-                msg["value"] = self.context.subsamples[name]
-            return
-        if self.block is None or msg["is_observed"] or msg["value"] is not None:
-            return
-        if _is_delta(msg["fn"]):
-            return
-        jsa = self.context.jsa
-        with torch.no_grad():
-            fresh = msg["fn"](*msg["args"], **msg["kwargs"]).detach()
-        layout = jsa._layout(name, msg, fresh)
-        spec = jsa._spec(name, layout, fresh)
-        current, init = self.context.current(name, spec)
-        if current is None:
-            slot0 = fresh[:1]
-        else:
-            slot0 = jsa._to_slots(current, layout, fresh.dim())
-            if isinstance(init, torch.Tensor):
-                mask = init.reshape(init.shape + (1,) * (current.dim() - 1))
-                slot0 = torch.where(jsa._to_slots(mask, layout, fresh.dim()), slot0, fresh[:1])
-            elif not init:
-                slot0 = fresh[:1]
-        if layout.kind == self.block:
-            value = torch.cat([slot0.expand((1, *fresh.shape[1:])), fresh[1:]], dim=0)
-        else:
-            value = slot0.expand(fresh.shape)
-        msg["value"] = value
-        msg["done"] = True
-
-    def _pyro_post_sample(self, msg: dict) -> None:
-        if site_is_subsample(msg) and msg["name"] != PARTICLE_PLATE:
-            self.context.subsamples.setdefault(msg["name"], msg["value"])
-
-
-class JSA(ELBO, nn.Module):
+class JSA(ELBO, ChainStore):
     r"""
     Joint stochastic approximation (JSA) of Xu and Ou [1, 2]: maximum likelihood for the model
     together with the *inclusive* KL for the guide,
@@ -257,11 +115,14 @@ class JSA(ELBO, nn.Module):
     ``1 + num_particles``) and then applies ``num_particles`` Metropolis transitions in
     sequence, a cheap elementwise loop. ``num_moves`` repeats this (only the last move keeps an
     autograd graph). The loss averages the states the last move visited (one per transition;
-    ``average_visited=False``: the final state only).
+    ``average_visited=False``: the final state only). Each pass is one
+    :func:`~pyro_fdiv.inference.importance.importance_trace` with the data plate kept and a
+    messenger setting the guide's values to the chains' states and the proposals.
 
     **State.** The cache, the initialization flags and the counters are buffers of this
-    :class:`torch.nn.Module` (``state_dict``/``load_state_dict`` round-trip them exactly and
-    ``.to(device)`` moves them), never in Pyro's param store. A chain starts from a draw of the
+    :class:`torch.nn.Module` (:class:`~pyro_fdiv.inference.chains.ChainStore`:
+    ``state_dict``/``load_state_dict`` round-trip them exactly and ``.to(device)`` moves them),
+    never in Pyro's param store. A chain starts from a draw of the
     guide the first time its data point is visited (and at every step during the first
     ``warmup_without_cache`` steps). :meth:`loss` and :meth:`differentiable_loss` never change
     the state; :meth:`loss_and_grads` writes the accepted states back after the backward pass,
@@ -362,7 +223,7 @@ class JSA(ELBO, nn.Module):
             )
         if validation not in ("first", "always"):
             raise ValueError(f"Expected validation in ('first', 'always'), actual {validation!r}")
-        nn.Module.__init__(self)
+        ChainStore.__init__(self, num_data, {"num_data": num_data, "data_plate": data_plate})
         ELBO.__init__(
             self,
             num_particles=num_particles,
@@ -378,18 +239,8 @@ class JSA(ELBO, nn.Module):
         self.record_history = bool(record_history)
         self.validation = validation
         self.check_finite = check_finite
-        self._prototype: dict | None = None  # data plate frame and site layouts (derived)
-        self._pending: _Step | None = None
-        self._specs: dict[str, _SiteSpec] = {}
-        self._buffer_names: dict[str, str] = {}
-        self._history: list[dict[str, torch.Tensor]] = []
-        if num_data is not None:
-            self.register_buffer("initialized", torch.zeros(num_data, dtype=torch.bool))
-        self.register_buffer("global_initialized", torch.tensor(False))
-        self.register_buffer("num_steps", torch.tensor(0, dtype=torch.long))
-        self.register_buffer("_acceptance", torch.zeros(len(_BLOCKS), dtype=torch.float64))
-        self.register_buffer("_acceptance_norm", torch.zeros(len(_BLOCKS), dtype=torch.float64))
-        self.register_buffer("_last_acceptance", torch.zeros(len(_BLOCKS), dtype=torch.float64))
+        self._given_max_plate_nesting = max_plate_nesting
+        self._prototype: dict | None = None  # data plate frame and blocks (derived)
 
     # ------------------------------------------------------------------------------------------
     # Pyro's ELBO interface
@@ -429,7 +280,7 @@ class JSA(ELBO, nn.Module):
         value = self._checked(step)
         if step.loss.requires_grad:
             step.loss.backward(retain_graph=self.retain_graph)
-        self._commit(step)
+        self.write(step)
         return value
 
     def commit(self) -> None:
@@ -437,7 +288,7 @@ class JSA(ELBO, nn.Module):
         if self._pending is None:
             raise ValueError("nothing to commit: call differentiable_loss(...) first")
         step, self._pending = self._pending, None
-        self._commit(step)
+        self.write(step)
 
     @torch.no_grad()
     def advance(self, model, guide, *args, **kwargs) -> dict[str, float]:
@@ -446,7 +297,7 @@ class JSA(ELBO, nn.Module):
         chains are a posterior sampler. Returns the step's mean acceptance rate per block.
         """
         step = self._step(model, guide, args, kwargs, grad=False)
-        self._commit(step)
+        self.write(step)
         return step.rates
 
     def _get_trace(self, model, guide, args, kwargs):
@@ -457,114 +308,14 @@ class JSA(ELBO, nn.Module):
             return self._step(model, guide, args, kwargs, grad=False).traces
 
     # ------------------------------------------------------------------------------------------
-    # Diagnostics and state
-
-    @property
-    def acceptance_rate(self) -> dict[str, float]:
-        r"""
-        Running average (over about the last 100 steps) of the mean acceptance probability
-        :math:`\min\{1, w'/w\}` of a step's transitions, per block (``"local"``: the chains of
-        the data points, ``"global"``: the single chain), for the blocks the model has.
-        """
-        out = {}
-        for i, block in enumerate(_BLOCKS):
-            if self._acceptance_norm[i] > 0:
-                out[block] = float(self._acceptance[i] / self._acceptance_norm[i])
-        return out
-
-    @property
-    def last_acceptance_rate(self) -> dict[str, float]:
-        """The mean acceptance probability of the last committed step, per block."""
-        return {
-            block: float(self._last_acceptance[i])
-            for i, block in enumerate(_BLOCKS)
-            if self._acceptance_norm[i] > 0
-        }
-
-    def samples(self) -> dict[str, torch.Tensor]:
-        """
-        The chains' current states: every latent guide site by name, local sites with a leading
-        dimension ``num_data`` (rows not yet visited hold zeros: see ``self.initialized``),
-        global sites with their own shape. Copies, on the buffers' device.
-        """
-        return {name: getattr(self, buf).clone() for name, buf in self._buffer_names.items()}
-
-    def history(self, burn_in: int = 0) -> dict[str, torch.Tensor]:
-        """
-        The global chain's recorded states (``record_history=True``): one per Metropolis
-        transition (repeated when a proposal is rejected), stacked along a leading dimension,
-        the first ``burn_in`` dropped. For a model without a data plate this is a posterior
-        sampler's output (autocorrelated; the proposal adapts while the guide trains).
-        """
-        burn_in = check_integer("burn_in", burn_in, 0)
-        if not self._history:
-            return {}
-        return {
-            name: torch.cat([h[name] for h in self._history])[burn_in:] for name in self._history[0]
-        }
-
-    @property
-    def num_recorded(self) -> int:
-        """The number of states :meth:`history` holds (before burn-in)."""
-        if not self._history:
-            return 0
-        return sum(len(next(iter(h.values()))) for h in self._history)
 
     def reset(self) -> None:
-        """Forget every chain, the counters and the history (keeps the settings)."""
-        for buf in list(self._buffer_names.values()):
-            delattr(self, buf)
-        self._buffer_names, self._specs, self._history, self._pending = {}, {}, [], None
-        if self.num_data is not None:
-            self.initialized.zero_()
-        self.global_initialized.fill_(False)
-        self.num_steps.zero_()
-        self._acceptance.zero_()
-        self._acceptance_norm.zero_()
-        self._last_acceptance.zero_()
-
-    def get_extra_state(self) -> dict:
-        return {
-            "specs": {n: (s.kind, s.shape, str(s.dtype)) for n, s in self._specs.items()},
-            "buffer_names": dict(self._buffer_names),
-            "history": [dict(h) for h in self._history],
-            "settings": self._settings(),
-        }
-
-    def set_extra_state(self, state: dict) -> None:
-        if state["settings"] != self._settings():
-            raise ValueError(
-                f"Expected a state_dict of a JSA with settings {self._settings()}, actual "
-                f"{state['settings']}"
-            )
-        self._specs = {
-            n: _SiteSpec(kind, tuple(shape), getattr(torch, dtype.split(".")[-1]))
-            for n, (kind, shape, dtype) in state["specs"].items()
-        }
-        self._buffer_names = dict(state["buffer_names"])
-        self._history = [dict(h) for h in state["history"]]
-        self._pending = None
-
-    def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        state["_pending"] = None  # an uncommitted step holds traces: not part of the state
-        return state
-
-    def _settings(self) -> dict:
-        return {"num_data": self.num_data, "data_plate": self.data_plate}
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # the cache buffers are created lazily: create those the state dict has
-        for key, value in state_dict.items():
-            name = key[len(prefix) :]
-            if key.startswith(prefix) and name.startswith("cache_") and "." not in name:
-                if name in self._buffers:
-                    delattr(self, name)
-                self.register_buffer(name, torch.empty_like(value))
-        for name in [b for b in self._buffers if b.startswith("cache_")]:
-            if prefix + name not in state_dict:
-                delattr(self, name)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        """Forget every chain, the counters and the history, and what was derived from the
+        model and guide (the data plate, the blocks and a guessed ``max_plate_nesting``): the
+        next step starts as a freshly constructed JSA with the same settings would."""
+        ChainStore.reset(self)
+        self._prototype = None
+        self.max_plate_nesting = self._given_max_plate_nesting
 
     def extra_repr(self) -> str:
         return (
@@ -574,20 +325,26 @@ class JSA(ELBO, nn.Module):
         )
 
     # ------------------------------------------------------------------------------------------
-    # Structure: data plate, site layouts, the cache's site specs
+    # Structure: data plate, blocks, site layouts
 
     def _discover(self, model, guide, args, kwargs) -> dict:
         """Run model and guide once (random state restored) to find the plates and blocks."""
-        with rng_preserved(), poutine.block():
-            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-                *args, **kwargs
-            )
-        sites = [s for t in (model_trace, guide_trace) for s in _sample_sites(t).values()]
         if self.max_plate_nesting == float("inf"):
-            dims = [f.dim for s in sites for f in _vectorized_frames(s)]
-            self.max_plate_nesting = -min(dims) if dims else 0
-        frames = {f.name: f for s in sites for f in _vectorized_frames(s)}
+            self.max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
+        with rng_preserved(), poutine.block():
+            weights = importance_trace(
+                model,
+                guide,
+                args,
+                kwargs,
+                num_particles=1,
+                max_plate_nesting=self.max_plate_nesting,
+                keep_plates=(),
+                guide_density=False,
+            )
+        model_trace, guide_trace = weights.model_trace, weights.guide_trace
+        sites = [s for t in (model_trace, guide_trace) for s in sample_sites(t).values()]
+        frames = {f.name: f for s in sites for f in vectorized_frames(s)}
         subsampled = [f for f in frames.values() if f.full_size not in (None, f.size)]
         frame = None
         if self.num_data is None:
@@ -614,13 +371,14 @@ class JSA(ELBO, nn.Module):
                     "JSA's acceptance ratios need exact per-data-point densities: subsample "
                     "only the data plate."
                 )
+        latent = _latent_sites(guide_trace)
         kinds = {
             LOCAL if frame is not None and _in_plate(site, frame.name) else GLOBAL
-            for site in _latent_sites(guide_trace).values()
-            if not _is_delta(site["fn"])
+            for site in latent.values()
+            if not is_delta(site["fn"])
         }
-        blocks = tuple(b for b in _BLOCKS if b in kinds)
-        deltas = [n for n, site in _latent_sites(guide_trace).items() if _is_delta(site["fn"])]
+        blocks = tuple(b for b in BLOCKS if b in kinds)
+        deltas = [n for n, site in latent.items() if is_delta(site["fn"])]
         if not blocks and deltas:
             raise ValueError(_delta_message(deltas[0]))
         if not blocks:
@@ -640,9 +398,9 @@ class JSA(ELBO, nn.Module):
         subsampled = [f for f in frames.values() if f.full_size not in (None, f.size)]
         if len(subsampled) == 1:
             return subsampled[0]
-        observed = [s for s in _sample_sites(model_trace).values() if s["is_observed"]]
+        observed = [s for s in sample_sites(model_trace).values() if s["is_observed"]]
         if observed:
-            for candidate in _vectorized_frames(observed[0]):  # outermost first
+            for candidate in vectorized_frames(observed[0]):  # outermost first
                 if all(_in_plate(site, candidate.name) for site in observed):
                     return candidate
         raise ValueError(
@@ -651,186 +409,104 @@ class JSA(ELBO, nn.Module):
             "pyro.plate of that size, or name it with data_plate=."
         )
 
-    def _layout(self, name: str, site: dict, value: torch.Tensor | None = None) -> _Layout:
-        mpn = self.max_plate_nesting
-        frames = _vectorized_frames(site)
-        depth = max((-f.dim for f in frames), default=0)
-        value = site.get("value") if value is None else value
-        if value is not None and value.dim() - site["fn"].event_dim > mpn + 1:
-            raise ValueError(
-                f"Site '{name}' has batch dims outside the plates (max_plate_nesting={mpn}). "
-                "Declare event dims with .to_event(...), put batch dims in a pyro.plate, or "
-                "raise max_plate_nesting."
-            )
-        frame = self._prototype["frame"]
-        if frame is not None and _in_plate(site, frame.name):
-            return _Layout(LOCAL, depth, depth + frame.dim)
-        return _Layout(GLOBAL, depth, 0)
-
-    def _spec(self, name: str, layout: _Layout, value: torch.Tensor) -> _SiteSpec:
-        """The cache spec of a latent site; ``ValueError`` if it differs from the chains'."""
-        shape = self._from_slots(value, layout, torch.zeros((), dtype=torch.long)).shape
-        spec = _SiteSpec(
-            layout.kind, tuple(shape[1:] if layout.kind == LOCAL else shape), value.dtype
-        )
-        if self._specs and self._specs.get(name) != spec:
-            raise ValueError(
-                f"JSA's chains hold the latent sites {self._describe(self._specs)}, but this "
-                f"step's guide has site '{name}' as {self._describe({name: spec})}. The chains "
-                "need the same latent sites, shapes and dtypes at every step; call "
-                "jsa.reset() to start new chains."
-            )
-        return spec
-
-    @staticmethod
-    def _describe(specs: dict[str, _SiteSpec]) -> str:
-        return str({n: (s.kind, s.shape, str(s.dtype)) for n, s in sorted(specs.items())})
-
-    def _indices(self, subsamples: dict[str, torch.Tensor]) -> torch.Tensor:
-        frame = self._prototype["frame"]
-        indices = subsamples.get(frame.name)
-        if indices is None:
-            raise ValueError(f"data plate '{frame.name}' was not entered by the guide or model")
-        indices = torch.as_tensor(indices).reshape(-1)
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.num_data):
-            raise ValueError(
-                f"subsample indices of data plate '{frame.name}' must lie in "
-                f"[0, {self.num_data}), actual range [{int(indices.min())}, {int(indices.max())}]"
-            )
-        return indices
-
-    # cache layout <-> vectorized ("slots") layout
-
-    def _to_slots(self, value: torch.Tensor, layout: _Layout, full_dim: int) -> torch.Tensor:
-        """A cached value (``(B,) + shape`` local, ``shape`` global) as slot 0 of a vectorized
-        value with ``full_dim`` dims."""
-        if layout.kind == LOCAL:
-            value = value.movedim(0, layout.data_pos)
-        return value.reshape((1,) * (full_dim - value.dim()) + value.shape)
-
-    def _from_slots(self, value: torch.Tensor, layout: _Layout, slot: torch.Tensor) -> torch.Tensor:
-        """The values at ``slot`` (per data point ``(B,)`` local, a scalar global) in cache
-        layout."""
-        drop = self.max_plate_nesting - layout.depth
-        if any(d != 1 for d in value.shape[1 : 1 + drop]):
-            raise ValueError(
-                f"a latent site has shape {tuple(value.shape)}: batch dims outside its plates "
-                "must have size 1; declare them with pyro.plate or .to_event(...)."
-            )
-        value = value.reshape((value.shape[0], *value.shape[1 + drop :]))
-        if layout.kind == LOCAL:
-            value = value.movedim(1 + layout.data_pos, 1)
-            return value[slot, torch.arange(value.shape[1], device=value.device)]
-        return value[slot]
+    def _layout(self, name: str, site: dict, value: torch.Tensor | None = None) -> Layout:
+        return site_layout(name, site, self._prototype["frame"], self.max_plate_nesting, value)
 
     # ------------------------------------------------------------------------------------------
     # One step
 
-    def _run(self, model, guide, args, kwargs, context: _Context, block: str, slots: int):
-        plate = pyro.plate(PARTICLE_PLATE, slots, dim=-self.max_plate_nesting - 1)
-        guide_trace = poutine.trace(_ChainMessenger(context, block)(plate(guide))).get_trace(
-            *args, **kwargs
-        )
-        model_trace = poutine.trace(
-            _ChainMessenger(context, None)(poutine.replay(plate(model), trace=guide_trace))
-        ).get_trace(*args, **kwargs)
-        return model_trace, guide_trace
+    def _run(self, model, guide, args, kwargs, view: ChainView, block: str, slots: int):
+        """One vectorized pass: the guide at the chains' states (slot 0) and ``slots - 1``
+        proposals, the model replaying it, the data plate kept."""
+        frame = self._prototype["frame"]
+        try:
+            return importance_trace(
+                model,
+                guide,
+                args,
+                kwargs,
+                num_particles=slots,
+                max_plate_nesting=self.max_plate_nesting,
+                keep_plates=() if frame is None else (frame.name,),
+                guide_handler=ChainMessenger(view, block, self.max_plate_nesting),
+                model_handler=ChainMessenger(view, None, self.max_plate_nesting),
+            )
+        except SiteError as error:
+            if error.kind != "guide":
+                raise
+            raise ValueError(
+                f"JSA: the guide cannot score its site '{error.name}' "
+                f"({error.fn_name}) at the chains' values: {error}. JSA "
+                "needs a guide density at every value the guide can propose (a fixed "
+                "support, and log_prob implemented)."
+            ) from error.__cause__
 
-    def _step(self, model, guide, args, kwargs, grad: bool) -> _Step:
+    def _step(self, model, guide, args, kwargs, grad: bool) -> ChainUpdate:
         if self._prototype is None:
             self._prototype = self._discover(model, guide, args, kwargs)
         validate = is_validation_enabled() and (self.validation == "always" or not self._specs)
         with pyro.validation_enabled(validate):
-            return self._moves(model, guide, args, kwargs, grad, validate)
+            return self._moves(model, guide, args, kwargs, grad)
 
-    def _moves(self, model, guide, args, kwargs, grad: bool, validate: bool) -> _Step:
+    def _moves(self, model, guide, args, kwargs, grad: bool) -> ChainUpdate:
         slots = 1 + self.num_particles
         blocks = self._prototype["blocks"]
-        context = _Context(self)
+        warm = int(self.num_steps) < self.warmup_without_cache
+        view = ChainView(self, self._prototype["frame"], warm)
         history, rates = [], {b: [] for b in blocks}
         specs = loss = None
         for move in range(self.num_moves):
             for i, block in enumerate(blocks):
                 last = move == self.num_moves - 1 and i == len(blocks) - 1
                 with torch.set_grad_enabled(grad and last):
-                    model_trace, guide_trace = self._run(
-                        model, guide, args, kwargs, context, block, slots
-                    )
+                    weights = self._run(model, guide, args, kwargs, view, block, slots)
                     if specs is None:
-                        specs = self._check_structure(model_trace, guide_trace, validate)
-                    loss = self._transition(
-                        model_trace, guide_trace, context, block, slots, last, history, rates
-                    )
-        step = _Step(
+                        specs = self._check_structure(weights.guide_trace)
+                    loss = self._transition(weights, view, block, slots, last, history, rates)
+        return ChainUpdate(
             loss,
-            context.indices,
-            context.values,
+            view.indices,
+            view.values,
             specs,
             {b: sum(r) / len(r) for b, r in rates.items()},
             history,
-            (model_trace, guide_trace),
+            (weights.model_trace, weights.guide_trace),
         )
-        return step
 
-    def _check_structure(self, model_trace: Trace, guide_trace: Trace, validate: bool) -> dict:
-        """After the first run of a step: the model/guide match and the chains' site specs."""
-        _check_sites(_sample_sites(model_trace), _sample_sites(guide_trace))
-        if validate:
-            check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting + 1)
+    def _check_structure(self, guide_trace: Trace) -> dict:
+        """After the first run of a step: the chains' site specs."""
         specs = {}
         for name, site in _latent_sites(guide_trace).items():
-            if _is_delta(site["fn"]) and site["value"].requires_grad:
+            if is_delta(site["fn"]) and site["value"].requires_grad:
                 raise ValueError(_delta_message(name))
-            specs[name] = self._spec(name, self._layout(name, site), site["value"])
-        if self._specs and set(specs) != set(self._specs):
-            raise ValueError(
-                f"JSA's chains hold the latent sites {sorted(self._specs)}, but this step's "
-                f"guide has {sorted(specs)}. The chains need the same latent sites at every "
-                "step; call jsa.reset() to start new chains."
-            )
+            layout = self._layout(name, site)
+            specs[name] = self.spec(name, layout, site["value"], self.max_plate_nesting)
+        self.check_sites(specs)
         return specs
 
-    def _terms(self, model_trace: Trace, guide_trace: Trace, slots: int, block: str):
+    def _terms(self, weights: LogWeights, slots: int, block: str):
         """Per-slot log-densities of model (``"p"``) and guide (``"q"``): ``(local, global)``
         with local ``(slots, B)`` (subsample scale divided out) and global ``(slots,)``."""
-        scale = self._data_scale(guide_trace, model_trace)
         terms = {}
-        for role, trace in (("p", model_trace), ("q", guide_trace)):
+        for role, trace, site_terms in (
+            ("p", weights.model_trace, weights.model_terms),
+            ("q", weights.guide_trace, weights.guide_terms),
+        ):
             local = global_ = None
-            for name, site in _sample_sites(trace).items():
-                layout = self._layout(name, site)
-                try:
-                    log_p = site_log_prob(site, scale if layout.kind == LOCAL else 1.0)
-                except (ValueError, NotImplementedError) as error:
-                    if role == "p":
-                        raise
-                    raise ValueError(
-                        f"JSA: the guide cannot score its site '{name}' "
-                        f"({type(site['fn']).__name__}) at the chains' values: {error}. JSA "
-                        "needs a guide density at every value the guide can propose (a fixed "
-                        "support, and log_prob implemented)."
-                    ) from error
-                log_p = self._reduce(log_p, layout, slots)
-                if role == "q" and layout.kind == block and not _is_delta(site["fn"]):
+            sites = trace.nodes
+            for name, log_p in site_terms.items():
+                layout = self._layout(name, sites[name])
+                log_p = log_p.expand((slots, *log_p.shape[1:]))
+                if layout.kind == GLOBAL:
+                    log_p = log_p.reshape(slots)
+                if role == "q" and layout.kind == block and not is_delta(sites[name]["fn"]):
                     self._check_scored(name, log_p[0])
                 if layout.kind == LOCAL:
                     local = log_p if local is None else local + log_p
                 else:
                     global_ = log_p if global_ is None else global_ + log_p
             terms[role] = (local, global_)
-        return terms, scale
-
-    def _data_scale(self, *traces: Trace) -> float:
-        """The subsample scale ``N / B`` of the data plate in this run."""
-        frame = self._prototype["frame"]
-        if frame is None:
-            return 1.0
-        for trace in traces:
-            for site in _sample_sites(trace).values():
-                for f in site["cond_indep_stack"]:
-                    if f.name == frame.name and f.full_size is not None:
-                        return f.full_size / f.size
-        return 1.0
+        return terms, weights.scale
 
     def _check_scored(self, name: str, log_q: torch.Tensor) -> None:
         bad = ~torch.isfinite(log_q.detach())
@@ -843,21 +519,11 @@ class JSA(ELBO, nn.Module):
                 "finite at every value it proposed."
             )
 
-    def _reduce(self, log_p: torch.Tensor, layout: _Layout, slots: int) -> torch.Tensor:
-        ndim = self.max_plate_nesting + 1
-        if log_p.dim() < ndim:
-            log_p = log_p.reshape((1,) * (ndim - log_p.dim()) + log_p.shape)
-        log_p = log_p.expand((slots, *log_p.shape[1:]))
-        if layout.kind == LOCAL:
-            log_p = log_p.movedim(self._prototype["frame"].dim, 1)
-            return log_p.reshape(*log_p.shape[:2], -1).sum(-1)
-        return log_p.reshape(slots, -1).sum(-1)
-
-    def _transition(self, model_trace, guide_trace, context, block, slots, last, history, rates):
+    def _transition(self, weights: LogWeights, view, block, slots, last, history, rates):
         """Metropolis transitions of ``block`` from a run's per-slot log-densities; moves
-        ``context`` to the final states and returns the surrogate loss at the visited states
+        ``view`` to the final states and returns the surrogate loss at the visited states
         (``None`` unless ``last``)."""
-        terms, scale = self._terms(model_trace, guide_trace, slots, block)
+        terms, scale = self._terms(weights, slots, block)
         (p_local, p_global), (q_local, q_global) = terms["p"], terms["q"]
         if block == LOCAL:
             log_w = p_local.detach() - (0.0 if q_local is None else q_local.detach())
@@ -878,23 +544,23 @@ class JSA(ELBO, nn.Module):
         rates[block].append(float(info.acceptance_rate.float().mean()))
         # the state after transition k is the last proposal accepted up to k (0: the start)
         visited = torch.where(info.is_accepted, positions, 0).cummax(dim=0).values
-        sites = _latent_sites(guide_trace)
+        sites, mpn = _latent_sites(weights.guide_trace), self.max_plate_nesting
         for name, site in sites.items():
             layout = self._layout(name, site)
             if block == LOCAL and layout.kind == GLOBAL:
                 slot = torch.zeros((), dtype=torch.long, device=device)
             else:
                 slot = final.position
-            context.values[name] = self._from_slots(site["value"], layout, slot).detach()
-            context.initialized[name] = (
-                torch.ones(len(context.indices), dtype=torch.bool, device=device)
+            view.values[name] = from_slots(site["value"], layout, slot, mpn).detach()
+            view.initialized[name] = (
+                torch.ones(len(view.indices), dtype=torch.bool, device=device)
                 if layout.kind == LOCAL
                 else True
             )
         if block == GLOBAL and self.record_history:
             history.append(
                 {
-                    name: self._from_slots(site["value"], layout, visited).detach().cpu()
+                    name: from_slots(site["value"], layout, visited, mpn).detach().cpu()
                     for name, site in sites.items()
                     if (layout := self._layout(name, site)).kind == GLOBAL
                 }
@@ -902,14 +568,14 @@ class JSA(ELBO, nn.Module):
         if not last:
             return None
         if self.average_visited:
-            weights = torch.nn.functional.one_hot(visited, slots).to(log_w.dtype).mean(0)
+            mix = torch.nn.functional.one_hot(visited, slots).to(log_w.dtype).mean(0)
         else:
-            weights = torch.nn.functional.one_hot(final.position, slots).to(log_w.dtype)
-        weights = weights.movedim(-1, 0)  # (slots,) + batch_shape
+            mix = torch.nn.functional.one_hot(final.position, slots).to(log_w.dtype)
+        mix = mix.movedim(-1, 0)  # (slots,) + batch_shape
         local = _add(p_local, q_local)
         glob = _add(p_global, q_global)
         if block == LOCAL:
-            value = scale * (weights * local).sum()
+            value = scale * (mix * local).sum()
             if glob is not None:
                 value = value + glob[0]
         else:
@@ -918,10 +584,10 @@ class JSA(ELBO, nn.Module):
                 per_slot = per_slot + glob
             if local is not None:
                 per_slot = per_slot + scale * local.sum(-1)
-            value = (weights * per_slot).sum()
+            value = (mix * per_slot).sum()
         return -value
 
-    def _checked(self, step: _Step) -> float:
+    def _checked(self, step: ChainUpdate) -> float:
         model_trace, guide_trace = step.traces
         return checked_value(
             step.loss.detach(),
@@ -929,37 +595,6 @@ class JSA(ELBO, nn.Module):
             traces={"model": model_trace, "guide": guide_trace},
             check_finite=self.check_finite,
         )
-
-    @torch.no_grad()
-    def _commit(self, step: _Step) -> None:
-        if not self._specs:
-            self._specs = dict(step.specs)
-        for name, value in step.values.items():
-            spec = self._specs[name]
-            if name not in self._buffer_names:
-                buf_name = f"cache_{len(self._buffer_names)}"
-                shape = (self.num_data, *spec.shape) if spec.kind == LOCAL else spec.shape
-                self.register_buffer(
-                    buf_name, torch.zeros(shape, dtype=spec.dtype, device=value.device)
-                )
-                self._buffer_names[name] = buf_name
-            buf = getattr(self, self._buffer_names[name])
-            if spec.kind == LOCAL:
-                buf[step.indices.to(buf.device)] = value.to(buf)
-            else:
-                buf.copy_(value)
-        if step.indices is not None and any(s.kind == LOCAL for s in self._specs.values()):
-            self.initialized[step.indices.to(self.initialized.device)] = True
-        if any(s.kind == GLOBAL for s in self._specs.values()):
-            self.global_initialized.fill_(True)
-        self.num_steps += 1
-        for i, block in enumerate(_BLOCKS):
-            if block in step.rates:
-                rate = step.rates[block]
-                self._last_acceptance[i] = rate
-                self._acceptance[i] = ACCEPTANCE_DECAY * self._acceptance[i] + rate
-                self._acceptance_norm[i] = ACCEPTANCE_DECAY * self._acceptance_norm[i] + 1.0
-        self._history.extend(step.history)
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:

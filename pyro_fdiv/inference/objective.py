@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import numbers
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pyro
 import torch
@@ -16,7 +18,8 @@ from pyro_fdiv.inference.importance import (
     LogWeights,
     check_flag,
     checked_value,
-    get_log_weights,
+    guess_max_plate_nesting,
+    importance_trace,
     trace_signature,
 )
 
@@ -93,7 +96,7 @@ class ImportanceObjective(ELBO):
     Base class for objectives built on per-data-point log importance weights.
 
     A subclass defines :meth:`bound`, a reduction of the particle dimension of the log weights
-    :math:`\log w_{k,i}` (see :func:`~pyro_fdiv.inference.importance.get_log_weights`) to one
+    :math:`\log w_{k,i}` (see :func:`~pyro_fdiv.inference.importance.importance_trace`) to one
     bound per element of the shared plates. This class turns it into Pyro's three entry points:
     :meth:`loss` (the negated bound summed over the batch and scaled by the subsample scale),
     :meth:`differentiable_loss` (a tensor whose value is that loss and whose gradient is the
@@ -105,7 +108,9 @@ class ImportanceObjective(ELBO):
 
     :param int num_particles: number of particles :math:`K` per data point.
     :param int max_plate_nesting: bound on the number of nested plates; guessed from one run of
-        model and guide if omitted.
+        model and guide if omitted
+        (:func:`~pyro_fdiv.inference.importance.guess_max_plate_nesting`, which leaves the
+        random stream untouched).
     :param bool vectorize_particles: accepted for compatibility with Pyro; must be ``True``.
     :param bool retain_graph: passed to ``backward`` in :meth:`loss_and_grads`.
     :param str validation: when Pyro's validation is enabled, ``"first"`` (default) validates
@@ -154,23 +159,37 @@ class ImportanceObjective(ELBO):
         """Reduce the particle dimension ``dim`` of log weights to a per-data-point bound."""
         raise NotImplementedError
 
-    def _log_weights(self, model, guide, args, kwargs) -> LogWeights:
+    def _trace_options(self, differentiable: bool) -> dict[str, Any]:
+        """Options of :func:`~pyro_fdiv.inference.importance.importance_trace` for this
+        objective (e.g. ``detach_guide``); ``differentiable``: the draw will be
+        back-propagated."""
+        return {}
+
+    def _log_weights(self, model, guide, args, kwargs, differentiable: bool = False) -> LogWeights:
         if self.max_plate_nesting == float("inf"):
-            with rng_preserved():  # the guess runs model and guide once
-                self._guess_max_plate_nesting(model, guide, args, kwargs)
-        run = (model, guide, args, kwargs, self.num_particles, self.max_plate_nesting)
+            self.max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
+        run = functools.partial(
+            importance_trace,
+            model,
+            guide,
+            args,
+            kwargs,
+            num_particles=self.num_particles,
+            max_plate_nesting=self.max_plate_nesting,
+            **self._trace_options(differentiable),
+        )
         if self.validation == "always" or not is_validation_enabled():
-            return get_log_weights(*run)
+            return run()
         if self._validated is not None:
             state = get_rng_state()
             with pyro.validation_enabled(False):
-                weights = get_log_weights(*run)
+                weights = run()
             if trace_signature(weights) == self._validated:
                 return weights
             # the structure changed: validate a rerun with the same draws, so that the random
             # stream (and an exact resume from a checkpoint) does not depend on validation
             set_rng_state(state)
-        weights = get_log_weights(*run)  # first step, or the structure changed: validate
+        weights = run()  # first step, or the structure changed: validate
         self._validated = trace_signature(weights)
         return weights
 
@@ -179,7 +198,7 @@ class ImportanceObjective(ELBO):
         weights = self._log_weights(model, guide, args, kwargs)
         return weights.model_trace, weights.guide_trace
 
-    def _surrogate(self, weights: LogWeights, model, guide, args, kwargs) -> torch.Tensor:
+    def _surrogate(self, weights: LogWeights) -> torch.Tensor:
         """Per-data-point tensor whose value is the bound and whose gradient is the estimator."""
         surrogate = self.bound(weights.log_w)
         if weights.score is not None:
@@ -207,8 +226,8 @@ class ImportanceObjective(ELBO):
         :raises ValueError: naming the sites involved if the loss is not finite (with
             ``check_finite``).
         """
-        weights = self._log_weights(model, guide, args, kwargs)
-        loss = -self._surrogate(weights, model, guide, args, kwargs).sum() * weights.scale
+        weights = self._log_weights(model, guide, args, kwargs, differentiable=True)
+        loss = -self._surrogate(weights).sum() * weights.scale
         if self.check_finite:
             self._checked(loss.detach(), weights)
         return loss
@@ -220,8 +239,8 @@ class ImportanceObjective(ELBO):
         :raises ValueError: naming the sites involved if the loss is not finite (with
             ``check_finite``).
         """
-        weights = self._log_weights(model, guide, args, kwargs)
-        loss = -self._surrogate(weights, model, guide, args, kwargs).sum() * weights.scale
+        weights = self._log_weights(model, guide, args, kwargs, differentiable=True)
+        loss = -self._surrogate(weights).sum() * weights.scale
         value = self._checked(loss, weights)
         if loss.requires_grad:
             loss.backward(retain_graph=self.retain_graph)
