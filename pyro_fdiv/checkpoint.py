@@ -275,8 +275,13 @@ def _check_optim(state: Any, params: dict[str, torch.Tensor]) -> None:
         if name not in params:
             raise _Malformed(f"entry '{where}' is the state of a parameter the store lacks")
         inner = _entry(_expect(item, dict, where), "state", dict, where)
+        ids = []
         for group in _entry(item, "param_groups", list, where):
-            _entry(_expect(group, dict, f"{where}.param_groups"), "params", list, where)
+            ids += _entry(_expect(group, dict, f"{where}.param_groups"), "params", list, where)
+        if any(type(i) is not int for i in ids) or not set(inner) <= set(ids):
+            raise _Malformed(
+                f"entry '{where}': the states {list(inner)} and parameters {ids} differ"
+            )
         for index, values in inner.items():
             for key, value in _expect(values, dict, f"{where}.state.{index}").items():
                 _expect(value, (torch.Tensor, numbers.Number), f"{where}.state.{index}.{key}")
@@ -428,7 +433,7 @@ def _check_optim_fits(optim: pyro.optim.PyroOptim, payload: dict) -> None:
 
 def _check_groups(fresh: list[dict], saved: list[dict], where: str) -> None:
     """Hyperparameters of the types a fresh optimizer of the same kind has (a number for a
-    number, a bool for a bool; ``None`` only where the default is ``None``)."""
+    number, a bool for a bool; ``None`` or a bool where the default is ``None``)."""
     if len(fresh) != len(saved):
         raise _Malformed(f"entry '{where}.param_groups' has {len(saved)} groups, expected 1")
     for key, default in fresh[0].items():
@@ -437,10 +442,12 @@ def _check_groups(fresh: list[dict], saved: list[dict], where: str) -> None:
         same = type(value) is type(default) or (
             numbers_ and isinstance(value, numbers.Real) and not isinstance(value, bool)
         )
-        if key != "params" and default is not None and not same:
+        if default is None:  # torch's Optional[bool] flags (foreach, fused)
+            same = value is None or isinstance(value, bool)
+        if key != "params" and not same:
             raise _Malformed(
                 f"entry '{where}.param_groups.0.{key}' is {value!r}, expected a "
-                f"{type(default).__name__}"
+                f"{'bool or None' if default is None else type(default).__name__}"
             )
 
 

@@ -183,7 +183,7 @@ def test_chardata_mat(tmp_path):
 
 def _settings(n: int) -> settings:
     health = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
-    return settings(max_examples=n, deadline=None, suppress_health_check=health)
+    return settings(max_examples=n, deadline=None, suppress_health_check=health, derandomize=True)
 
 
 def _formats(tmp: Path) -> dict[str, tuple[Path, bytes, object]]:
