@@ -57,8 +57,8 @@ from pyro_fdiv.inference import (
     SpreadSchedule,
 )
 from pyro_fdiv.inference.iwae import GRADIENT_ESTIMATORS
-from pyro_fdiv.inference.objective import check_integer, rng_preserved
 from pyro_fdiv.models.vae import ARCHITECTURES, VAE
+from pyro_fdiv.util import check_integer, rng_preserved
 
 __all__ = [
     "DATASETS",

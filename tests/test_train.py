@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from pyro_fdiv.cli import main
-from pyro_fdiv.inference.objective import rng_preserved
 from pyro_fdiv.train import OBJECTIVES, TrainConfig, Trainer
+from pyro_fdiv.util import rng_preserved
 
 SETTINGS = {
     "elbo": {"num_particles": 1},

@@ -27,18 +27,17 @@ from pyro_fdiv.inference.generative import (
 )
 from pyro_fdiv.inference.importance import (
     LogWeights,
-    check_flag,
     checked_value,
     log_mean_exp,
     log_weights_from_traces,
 )
-from pyro_fdiv.inference.objective import check_integer, check_num_particles, rng_preserved
 from pyro_fdiv.inference.spread import (
     PCAProjection,
     SpreadSchedule,
     pca_spread_log_density,
     spread_log_density,
 )
+from pyro_fdiv.util import check_flag, check_integer, check_num_particles, rng_preserved
 
 __all__ = ["FDivergenceBound"]
 

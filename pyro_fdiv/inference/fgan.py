@@ -24,8 +24,8 @@ from pyro_fdiv.inference.generative import (
     trace_params,
     traced_once,
 )
-from pyro_fdiv.inference.importance import check_flag, checked_value
-from pyro_fdiv.inference.objective import check_integer, check_num_particles
+from pyro_fdiv.inference.importance import checked_value
+from pyro_fdiv.util import check_flag, check_integer, check_num_particles
 
 __all__ = ["FGANBound"]
 

@@ -19,6 +19,8 @@ from pyro.poutine.util import site_is_subsample
 from pyro.util import check_model_guide_match
 from torch.distributions.utils import broadcast_all
 
+from pyro_fdiv.util import check_flag
+
 __all__ = [
     "NON_FINITE_ADVICE",
     "PARTICLE_PLATE",
@@ -387,13 +389,6 @@ def checked_value(
     value = loss.item()
     if check_finite and not math.isfinite(value):
         raise_non_finite(value, objective, weights, **details)
-    return value
-
-
-def check_flag(name: str, value: object) -> bool:
-    """Validate a boolean option ``name`` (e.g. ``check_finite``)."""
-    if not isinstance(value, bool):
-        raise ValueError(f"Expected {name} to be a bool, actual {value!r}")
     return value
 
 

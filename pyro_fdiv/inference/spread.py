@@ -7,7 +7,7 @@ import numbers
 
 import torch
 
-from pyro_fdiv.inference.objective import check_integer
+from pyro_fdiv.util import check_integer
 
 __all__ = [
     "PCAProjection",
