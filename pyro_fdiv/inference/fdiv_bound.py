@@ -15,7 +15,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 
-from pyro_fdiv.divergences import Divergence, ForwardKL, ReverseKL, get_divergence
+from pyro_fdiv.divergences import Divergence, ForwardKL, ReverseKL, as_divergence
 from pyro_fdiv.inference.generative import (
     DataArgument,
     ObservationMessenger,
@@ -40,20 +40,6 @@ from pyro_fdiv.inference.spread import (
 from pyro_fdiv.util import check_flag, check_integer, check_num_particles, rng_preserved
 
 __all__ = ["FDivergenceBound"]
-
-
-def _as_divergence(f: str | Divergence) -> Divergence:
-    if isinstance(f, Divergence):
-        return f
-    if isinstance(f, str):
-        try:
-            return get_divergence(f)
-        except TypeError as err:  # a family that needs its parameters, e.g. Amari's alpha
-            raise ValueError(
-                f"Divergence {f!r} needs parameters ({err}): pass an instance as f, e.g. "
-                f"f=get_divergence({f!r}, alpha=0.5) for the order alpha of 'amari_alpha'"
-            ) from err
-    raise ValueError(f"Expected f to be a divergence name or a Divergence, actual {f!r}")
 
 
 class _NoSubsampling(Messenger):
@@ -261,7 +247,7 @@ class FDivergenceBound(ELBO):
         self.num_importance_samples = check_integer(
             "num_importance_samples", num_importance_samples, 1
         )
-        self.divergence = _as_divergence(f)
+        self.divergence = as_divergence(f)
         self.schedule = _as_schedule(spread)
         self._check_data(data)
         self.data = data
@@ -298,7 +284,7 @@ class FDivergenceBound(ELBO):
                 "guide_f is the divergence of the guide steps: pass guide_steps >= 1 (with "
                 "guide_steps=0 one joint update minimizes f's bound in all parameters)"
             )
-        divergence = _as_divergence(guide_f)
+        divergence = as_divergence(guide_f, "guide_f")
         if self.log_density == "pca" and not isinstance(divergence, ReverseKL):
             raise ValueError(
                 "log_density='pca' estimates gradients of a bound linear in log p_hat: use "

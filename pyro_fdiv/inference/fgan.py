@@ -13,8 +13,7 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
-from pyro_fdiv.divergences import Divergence
-from pyro_fdiv.inference.fdiv_bound import _as_divergence
+from pyro_fdiv.divergences import Divergence, as_divergence
 from pyro_fdiv.inference.generative import (
     DataArgument,
     ObservationMessenger,
@@ -97,7 +96,7 @@ class FGANBound(ELBO):
     ):
         super().__init__(num_particles=check_num_particles(num_particles))
         self.check_finite = check_flag("check_finite", check_finite)
-        self.divergence = _as_divergence(f)
+        self.divergence = as_divergence(f)
         if not isinstance(critic, nn.Module):
             raise ValueError(
                 f"Expected critic to be a torch.nn.Module V(x), actual {type(critic).__name__}"
