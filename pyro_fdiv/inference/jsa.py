@@ -961,6 +961,17 @@ class JSA(ELBO, nn.Module):
                 self._acceptance_norm[i] = ACCEPTANCE_DECAY * self._acceptance_norm[i] + 1.0
         self._history.extend(step.history)
 
+    # the inner-training convention (pyro_fdiv.inference.inner.InnerTraining); .to() is
+    # nn.Module's and moves the chains
+    def inner_parameters(self) -> list[torch.Tensor]:
+        """None: SVI's optimizer steps the guide (through the surrogate loss) and the model;
+        the chains are buffers."""
+        return []
+
+    def step_inner(self, model, guide, *args, **kwargs) -> None:
+        """No inner updates: each step's chain moves belong to :meth:`loss_and_grads`."""
+        return None
+
 
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     if a is None:
