@@ -140,12 +140,14 @@ def _run_eight_schools(args: argparse.Namespace, parser: argparse.ArgumentParser
 
 
 def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    from pyro_fdiv.train import TrainConfig, train
+    from pyro_fdiv.train import COUNTS, TrainConfig, train
 
-    # every setting has the option of its name, except these three
+    # every setting has the option of its name, except these three and the per-objective counts,
+    # which -k/--num-particles sets (the count of the chosen objective)
     special = {"spread": tuple(args.spread), "data_root": args.data, "out": str(args.out)}
-    names = [field.name for field in dataclasses.fields(TrainConfig)]
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in COUNTS.values()]
     options = {name: special[name] if name in special else getattr(args, name) for name in names}
+    options["num_particles"] = args.num_particles
     try:
         config = TrainConfig(**options)
     except ValueError as error:
@@ -169,7 +171,14 @@ def _add_train_parser(sub) -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a VAE on digits/characters with any objective")
     t.add_argument("--dataset", choices=DATASETS, default="binarized-mnist")
     t.add_argument("--objective", choices=OBJECTIVES, default="elbo")
-    t.add_argument("--num-particles", "-k", type=_positive_int, default=1)
+    t.add_argument(
+        "--num-particles",
+        "-k",
+        type=_positive_int,
+        default=1,
+        help="guide samples averaged (elbo, avb), importance samples (iwae, bbalpha), "
+        "proposals per step (jsa), draws per image of the batch (fdiv)",
+    )
     t.add_argument("--alpha", type=float, default=0.5, help="BB-α's alpha")
     t.add_argument("--gradient-estimator", choices=("reparam", "stl", "dreg"), default="reparam")
     t.add_argument("--f", choices=available_divergences(), default="reverse_kl", help="for fdiv")

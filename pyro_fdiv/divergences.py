@@ -86,6 +86,7 @@ __all__ = [
     "ReverseKL",
     "SquaredHellinger",
     "TotalVariation",
+    "as_divergence",
     "available_divergences",
     "forward_kl",
     "gan",
@@ -897,6 +898,31 @@ def get_divergence(name: str | Divergence, **kwargs) -> Divergence:
     if not isinstance(divergence, Divergence):
         raise TypeError(f"Factory for {name!r} returned {divergence!r}, not a Divergence")
     return divergence
+
+
+def as_divergence(f: str | Divergence, argument: str = "f") -> Divergence:
+    """The divergence an objective's argument names: a :class:`Divergence` instance as is, or
+    a registry name without parameters (see :func:`available_divergences`).
+
+    Unlike :func:`get_divergence`, a family whose constructor needs parameters (Amari's
+    ``alpha``) is refused with the instance to pass instead.
+
+    :param f: a registered name or a :class:`Divergence`.
+    :param str argument: the argument's name in error messages (e.g. ``"guide_f"``).
+    :raises ValueError: for an unknown name, a name that needs parameters, or another type.
+    """
+    if isinstance(f, Divergence):
+        return f
+    if isinstance(f, str):
+        try:
+            return get_divergence(f)
+        except TypeError as err:  # a family that needs its parameters, e.g. Amari's alpha
+            raise ValueError(
+                f"Divergence {f!r} needs parameters ({err}): pass an instance as {argument}, "
+                f"e.g. {argument}=get_divergence({f!r}, alpha=0.5) for the order alpha of "
+                "'amari_alpha'"
+            ) from err
+    raise ValueError(f"Expected {argument} to be a divergence name or a Divergence, actual {f!r}")
 
 
 for _cls in (

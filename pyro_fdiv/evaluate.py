@@ -32,7 +32,7 @@ from pyro_fdiv.inference.importance import (
     importance_trace,
     sample_sites,
 )
-from pyro_fdiv.inference.objective import check_integer
+from pyro_fdiv.util import check_integer
 
 __all__ = ["log_likelihood"]
 

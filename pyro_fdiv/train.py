@@ -6,23 +6,34 @@ log-likelihood and image grids.
 This is what ``pyro-fdiv train`` runs; :func:`train` is the same from Python::
 
     from pyro_fdiv.train import TrainConfig, train
-    log = train(TrainConfig(objective="iwae", num_particles=5, epochs=10, out="runs/iwae5"))
+    log = train(TrainConfig(objective="iwae", num_importance_samples=5, epochs=10,
+                            out="runs/iwae5"))
 
 Each objective trains the same :class:`~pyro_fdiv.models.vae.VAE` (architecture ``"iwae"`` by
-default: 784-200-200-50, tanh), except where the method needs a different part:
+default: 784-200-200-50, tanh), except where the method needs a different part; the differences
+are each objective's :class:`Recipe` in :data:`RECIPES`, and ``num_particles`` (``-k``) sets the
+count that the objective has (:data:`COUNTS`):
 
-- ``elbo``: Pyro's own :class:`~pyro.infer.Trace_ELBO` (``num_particles`` averaged).
+- ``elbo``: Pyro's own :class:`~pyro.infer.Trace_ELBO` (``num_elbo_samples`` averaged).
 - ``iwae``, ``bbalpha``: :class:`~pyro_fdiv.inference.IWAE`,
-  :class:`~pyro_fdiv.inference.BlackBoxAlpha` with ``num_particles`` per data point.
+  :class:`~pyro_fdiv.inference.BlackBoxAlpha` with ``num_importance_samples`` per data point.
 - ``avb``: the implicit encoder (:class:`~pyro_fdiv.models.vae.ImplicitEncoder`) and
-  :class:`~pyro_fdiv.inference.AVB`'s discriminator ``T(x, z)``; the test log-likelihood uses a
-  Gaussian proposal fitted to the encoder's draws (:meth:`VAE.gaussian_proposal`).
+  :class:`~pyro_fdiv.inference.AVB`'s discriminator ``T(x, z)`` (``num_elbo_samples`` guide
+  samples, adaptive contrast from 2); the test log-likelihood uses a Gaussian proposal fitted to
+  the encoder's draws (:meth:`VAE.gaussian_proposal`).
 - ``jsa``: :class:`~pyro_fdiv.inference.JSA` with one cached chain per training image (the model
-  receives the minibatch's rows ``idx``).
+  receives the minibatch's rows ``idx``), ``num_proposals`` per step.
 - ``fdiv``: :class:`~pyro_fdiv.inference.FDivergenceBound` with a Gaussian decoder whose scale
   is the spread width; the bound compares the model with the training set through spread noise
-  (whole set, no minibatch scaling). The test log-likelihood then reads the decoder's mean as
-  Bernoulli probabilities (the same network, evaluated as the other objectives' model).
+  (whole set, no minibatch scaling), ``num_bound_samples`` draws per image of the batch. The
+  test log-likelihood then reads the decoder's mean as Bernoulli probabilities (the same
+  network, evaluated as the other objectives' model).
+
+Every objective is built, moved, stepped and checkpointed through one path
+(:mod:`pyro_fdiv.inference.inner`): ``SVI.step`` takes an objective's own inner updates (AVB's
+discriminator; the f-bound's guide steps when configured), :func:`~pyro_fdiv.inference.inner.move`
+puts its own tensors on the device, and its ``state_dict`` (with its inner optimizer's state)
+goes into the checkpoint.
 
 The checkpoint (``checkpoint.pt``, :mod:`pyro_fdiv.checkpoint`) holds the param store, the Adam
 state, the objective's state, every RNG and the log; ``resume=True`` continues after the last
@@ -34,7 +45,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import InitVar, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +67,18 @@ from pyro_fdiv.inference import (
     BlackBoxAlpha,
     FDivergenceBound,
     SpreadSchedule,
+    inner,
 )
 from pyro_fdiv.inference.iwae import GRADIENT_ESTIMATORS
-from pyro_fdiv.inference.objective import check_integer, rng_preserved
 from pyro_fdiv.models.vae import ARCHITECTURES, VAE
+from pyro_fdiv.util import check_integer, rng_preserved
 
 __all__ = [
+    "COUNTS",
     "DATASETS",
     "OBJECTIVES",
+    "RECIPES",
+    "Recipe",
     "TrainConfig",
     "Trainer",
     "build_objective",
@@ -71,12 +87,13 @@ __all__ = [
     "train",
 ]
 
-OBJECTIVES = ("elbo", "iwae", "bbalpha", "avb", "jsa", "fdiv")
 DATASETS = ("binarized-mnist", "mnist", "omniglot")
 CHECKPOINT = "checkpoint.pt"
 #: settings a resumed run may change
 FREE_SETTINGS = ("epochs", "out", "data_root", "device")
 LOG = "log.csv"
+#: the VAE has one plate, "data"
+NESTING = 1
 
 
 @dataclass
@@ -84,11 +101,20 @@ class TrainConfig:
     r"""
     Everything that defines a training run (saved in the checkpoint; a resumed run must match).
 
+    The number of samples per step means something different for each objective, so each
+    meaning has its own setting; ``num_particles`` (the CLI's ``-k/--num-particles``) sets the
+    one the objective uses (:data:`COUNTS`) and reads it back.
+
     :param str dataset: ``"binarized-mnist"`` (fixed binarization), ``"mnist"`` or
         ``"omniglot"`` (dynamically binarized each epoch).
     :param str objective: one of :data:`OBJECTIVES`.
-    :param int num_particles: :math:`K` per data point (ELBO: averaged; AVB: guide samples;
-        JSA: proposals per step; fdiv: samples per element of the batch).
+    :param int num_elbo_samples: guide samples per data point averaged in the ELBO estimate
+        (``elbo``; ``avb``, whose adaptive contrast needs at least 2).
+    :param int num_importance_samples: :math:`K`, importance samples per data point in the
+        bound (``iwae``, ``bbalpha``).
+    :param int num_proposals: Metropolis proposals per chain per step (``jsa``).
+    :param int num_bound_samples: draws of :math:`(y, z)` per row of the batch in the bound's
+        estimate (``fdiv``).
     :param float alpha: BB-α's :math:`\alpha`.
     :param str gradient_estimator: IWAE's ``"reparam"``, ``"stl"`` or ``"dreg"``.
     :param str f: the f-divergence of ``fdiv``.
@@ -107,11 +133,16 @@ class TrainConfig:
     :param str out: output directory (log, checkpoint, images).
     :param str device: where data, networks and the objective's state live (``"cpu"``,
         ``"cuda"``, ``"cuda:1"``); a run may resume on another device.
+    :param int num_particles: sets the count of :data:`COUNTS` that the objective uses (it must
+        not contradict that setting when both are given).
     """
 
     dataset: str = "binarized-mnist"
     objective: str = "elbo"
-    num_particles: int = 1
+    num_elbo_samples: int = 1
+    num_importance_samples: int = 1
+    num_proposals: int = 1
+    num_bound_samples: int = 1
     alpha: float = 0.5
     gradient_estimator: str = "reparam"
     f: str = "reverse_kl"
@@ -128,17 +159,20 @@ class TrainConfig:
     eval_samples: int = 500
     out: str = "train_out"
     device: str = "cpu"
+    num_particles: InitVar[int | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, num_particles: int | None) -> None:
         if self.dataset not in DATASETS:
             raise ValueError(f"Expected dataset in {sorted(DATASETS)}, actual {self.dataset!r}")
-        if self.objective not in OBJECTIVES:
+        if self.objective not in RECIPES:
             raise ValueError(f"Expected objective in {OBJECTIVES}, actual {self.objective!r}")
+        if num_particles is not None:
+            self._set_count(check_integer("num_particles", num_particles, 1))
         if self.architecture not in ARCHITECTURES:
             raise ValueError(
                 f"Expected architecture in {sorted(ARCHITECTURES)}, actual {self.architecture!r}"
             )
-        for name in ("num_particles", "epochs", "batch_size", "eval_samples"):
+        for name in (*COUNT_SETTINGS, "epochs", "batch_size", "eval_samples"):
             check_integer(name, getattr(self, name), 1)
         for name in ("num_train", "num_test"):
             if getattr(self, name) is not None:
@@ -164,10 +198,30 @@ class TrainConfig:
         except RuntimeError as error:
             raise ValueError(f"Expected a torch device, actual {self.device!r}: {error}") from None
 
+    def _set_count(self, k: int) -> None:
+        name = COUNTS[self.objective]
+        default = _DEFAULTS[name]
+        if getattr(self, name) not in (default, k):
+            raise ValueError(
+                f"num_particles={k} sets {name} for objective {self.objective!r}, which is "
+                f"{getattr(self, name)!r}: pass one of them"
+            )
+        setattr(self, name, k)
+
     def comparable(self) -> dict[str, Any]:
         """The settings a resumed run must share with the saved one: all but the number of
         epochs and where the data, outputs and tensors are."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in FREE_SETTINGS}
+
+
+def _read_count(config: TrainConfig) -> int:
+    """What ``num_particles`` (``-k``) set: the count the objective uses."""
+    return getattr(config, COUNTS[config.objective])
+
+
+# the InitVar's class attribute (its default, None) becomes a read-only view of the count;
+# the generated __init__ already holds the default
+TrainConfig.num_particles = property(_read_count, doc=_read_count.__doc__)
 
 
 def _load(config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -194,41 +248,146 @@ def _load(config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return train_x, test_x, gray
 
 
-def build_vae(config: TrainConfig, x_dim: int) -> VAE:
-    """The VAE an objective trains (see the module docstring)."""
-    kwargs = dict(ARCHITECTURES[config.architecture])
-    if config.objective == "fdiv":
-        kwargs.update(likelihood="normal", obs_scale=config.spread[0])
-    if config.objective == "avb":
-        kwargs.update(encoder="implicit")
-    return VAE(x_dim=x_dim, name=config.objective, **kwargs)
+def _minibatch(x: torch.Tensor, num_data: int, idx: torch.Tensor | None) -> tuple:
+    return (x, num_data)  # a uniform minibatch: the bound summed over the batch, scaled to N
 
 
-def build_objective(
-    config: TrainConfig, train_x: torch.Tensor, steps_per_epoch: int
-) -> pyro.infer.ELBO:
-    """The loss given to SVI."""
-    k, nesting = config.num_particles, 1  # the VAE has one plate, "data"
-    if config.objective == "elbo":
-        return Trace_ELBO(num_particles=k, vectorize_particles=True, max_plate_nesting=nesting)
-    if config.objective == "iwae":
-        return IWAE(k, config.gradient_estimator, max_plate_nesting=nesting)
-    if config.objective == "bbalpha":
-        return BlackBoxAlpha(config.alpha, num_particles=k, max_plate_nesting=nesting)
-    if config.objective == "avb":
-        return AVB(num_particles=k, adaptive_contrast=k > 1, max_plate_nesting=nesting)
-    if config.objective == "jsa":
-        return JSA(num_data=len(train_x), num_particles=k, max_plate_nesting=nesting)
+def _indexed(x: torch.Tensor, num_data: int, idx: torch.Tensor | None) -> tuple:
+    idx = torch.arange(len(x), device=x.device) if idx is None else idx
+    return (x, num_data, idx)  # the rows address the cached chains
+
+
+def _batch_only(x: torch.Tensor, num_data: int, idx: torch.Tensor | None) -> tuple:
+    return (x,)  # the bound's p_hat is the whole training set: no subsample scale
+
+
+def _no_vae_options(config: TrainConfig) -> dict[str, Any]:
+    return {}
+
+
+def _keep_points(objective: Any, x: torch.Tensor) -> None:
+    """Nothing to do: the objective does not hold the training set."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """
+    How the trainer builds, calls and reports one objective: the one place where the objectives
+    differ (everything else, including the inner optimizers of
+    :mod:`pyro_fdiv.inference.inner`, goes through one path).
+
+    :param str count: the :class:`TrainConfig` setting that ``num_particles`` (``-k``) sets.
+    :param build: ``build(config, train_x, steps_per_epoch)``, the loss given to SVI.
+    :param vae: ``vae(config)``, the :class:`~pyro_fdiv.models.vae.VAE` options beyond the
+        architecture.
+    :param call: ``call(x, num_data, idx)``, the model's and guide's arguments for a minibatch
+        ``x`` (rows ``idx``) of the ``num_data`` training images.
+    :param bool per_image: the step's loss is summed over the data set (reported per image);
+        otherwise it is one number for the whole set (reported as is).
+    :param new_points: ``new_points(objective, x)`` when an epoch binarizes the training set
+        afresh: what the objective must learn of it.
+    """
+
+    count: str
+    build: Callable[[TrainConfig, torch.Tensor, int], Any]
+    vae: Callable[[TrainConfig], dict[str, Any]] = _no_vae_options
+    call: Callable[[torch.Tensor, int, torch.Tensor | None], tuple] = _minibatch
+    per_image: bool = True
+    new_points: Callable[[Any, torch.Tensor], None] = _keep_points
+
+
+def _elbo(config: TrainConfig, train_x: torch.Tensor, steps_per_epoch: int) -> Trace_ELBO:
+    return Trace_ELBO(
+        num_particles=config.num_elbo_samples, vectorize_particles=True, max_plate_nesting=NESTING
+    )
+
+
+def _iwae(config: TrainConfig, train_x: torch.Tensor, steps_per_epoch: int) -> IWAE:
+    k = config.num_importance_samples
+    return IWAE(k, config.gradient_estimator, max_plate_nesting=NESTING)
+
+
+def _bbalpha(config: TrainConfig, train_x: torch.Tensor, steps_per_epoch: int) -> BlackBoxAlpha:
+    k = config.num_importance_samples
+    return BlackBoxAlpha(config.alpha, num_particles=k, max_plate_nesting=NESTING)
+
+
+def _avb(config: TrainConfig, train_x: torch.Tensor, steps_per_epoch: int) -> AVB:
+    k = config.num_elbo_samples
+    return AVB(num_particles=k, adaptive_contrast=k > 1, max_plate_nesting=NESTING)
+
+
+def _jsa(config: TrainConfig, train_x: torch.Tensor, steps_per_epoch: int) -> JSA:
+    k = config.num_proposals
+    return JSA(num_data=len(train_x), num_particles=k, max_plate_nesting=NESTING)
+
+
+def _fdiv(config: TrainConfig, train_x: torch.Tensor, steps_per_epoch: int) -> FDivergenceBound:
     start, end, anneal_epochs = config.spread
     schedule = SpreadSchedule(start, end, max(1, int(anneal_epochs * steps_per_epoch)))
     return FDivergenceBound(
         config.f,
         data=train_x,
         spread=schedule,
-        num_particles=k,
+        num_particles=config.num_bound_samples,
         log_density=config.log_density,
-        max_plate_nesting=nesting,
+        max_plate_nesting=NESTING,
     )
+
+
+def _gaussian_decoder(config: TrainConfig) -> dict[str, Any]:
+    return {"likelihood": "normal", "obs_scale": config.spread[0]}
+
+
+def _implicit_encoder(config: TrainConfig) -> dict[str, Any]:
+    return {"encoder": "implicit"}
+
+
+def _replace_points(objective: FDivergenceBound, x: torch.Tensor) -> None:
+    objective.data.replace_points(x)
+
+
+#: Each objective's :class:`Recipe` (see the module docstring).
+RECIPES: dict[str, Recipe] = {
+    "elbo": Recipe("num_elbo_samples", _elbo),
+    "iwae": Recipe("num_importance_samples", _iwae),
+    "bbalpha": Recipe("num_importance_samples", _bbalpha),
+    "avb": Recipe("num_elbo_samples", _avb, vae=_implicit_encoder),
+    "jsa": Recipe("num_proposals", _jsa, call=_indexed),
+    "fdiv": Recipe(
+        "num_bound_samples",
+        _fdiv,
+        vae=_gaussian_decoder,
+        call=_batch_only,
+        per_image=False,
+        new_points=_replace_points,
+    ),
+}
+OBJECTIVES = tuple(RECIPES)
+#: What ``num_particles`` (``-k``) counts for each objective: the setting it sets.
+COUNTS = {name: recipe.count for name, recipe in RECIPES.items()}
+COUNT_SETTINGS = tuple(dict.fromkeys(COUNTS.values()))
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+def _saved_settings(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's settings in today's names: one written before the counts had a setting
+    each holds ``num_particles``, the count of its objective."""
+    saved = dict(saved)
+    if "num_particles" in saved:
+        saved.setdefault(COUNTS[saved["objective"]], saved.pop("num_particles"))
+    return saved
+
+
+def build_vae(config: TrainConfig, x_dim: int) -> VAE:
+    """The VAE an objective trains (see the module docstring)."""
+    kwargs = {**ARCHITECTURES[config.architecture], **RECIPES[config.objective].vae(config)}
+    return VAE(x_dim=x_dim, name=config.objective, **kwargs)
+
+
+def build_objective(config: TrainConfig, train_x: torch.Tensor, steps_per_epoch: int) -> Any:
+    """The loss given to SVI."""
+    return RECIPES[config.objective].build(config, train_x, steps_per_epoch)
 
 
 class Trainer:
@@ -251,10 +410,12 @@ class Trainer:
         pyro.set_rng_seed(config.seed)
         self.num_data, self.x_dim = self.train_x.shape
         steps_per_epoch = math.ceil(self.num_data / config.batch_size)
+        self.recipe = RECIPES[config.objective]
         self.vae = build_vae(config, self.x_dim).to(self.device)
         self.objective = build_objective(config, self.train_x, steps_per_epoch)
-        if isinstance(self.objective, torch.nn.Module):
-            self.objective.to(self.device)  # JSA's chains
+        # the objective's own tensors (JSA's chains, the bound's training set, AVB's
+        # discriminator once built) follow the device; SVI.step takes its inner updates
+        inner.move(self.objective, self.device)
         self.optim = pyro.optim.Adam({"lr": config.lr})
         self.svi = SVI(self.vae.model, self.vae.guide, self.optim, loss=self.objective)
         self.epoch, self.rows = 0, []
@@ -281,8 +442,7 @@ class Trainer:
             )
         given = self.config.comparable()
         # settings added after the checkpoint was written count as their defaults
-        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-        saved = {k: defaults[k] for k in given} | extra["config"]
+        saved = {k: _DEFAULTS[k] for k in given} | _saved_settings(extra["config"])
         saved = {k: v for k, v in saved.items() if k not in FREE_SETTINGS}
         if saved != given:
             changed = {
@@ -290,8 +450,11 @@ class Trainer:
                 for k in sorted(saved.keys() | given.keys())
                 if saved.get(k) != given.get(k)
             }
+            count = COUNTS[self.config.objective]
+            hint = f" ({count} is num_particles, -k, for {self.config.objective})"
             raise ValueError(
-                f"Cannot resume {self.out / CHECKPOINT}: settings differ (saved, given): {changed}"
+                f"Cannot resume {self.out / CHECKPOINT}: settings differ (saved, given): "
+                f"{changed}{hint if count in changed else ''}"
             )
         checkpoint.restore(
             payload,
@@ -303,12 +466,8 @@ class Trainer:
         self.epoch, self.rows = extra["epoch"], extra["rows"]
 
     def _args(self, x: torch.Tensor, idx: torch.Tensor | None) -> tuple:
-        if self.config.objective == "fdiv":
-            return (x,)  # the bound's p̂ is the whole training set: no subsample scale
-        if self.config.objective == "jsa":
-            idx = torch.arange(len(x), device=x.device) if idx is None else idx
-            return (x, self.num_data, idx)
-        return (x, self.num_data)
+        """The model's and guide's arguments for the minibatch ``x`` (rows ``idx``)."""
+        return self.recipe.call(x, self.num_data, idx)
 
     def _epoch_data(self) -> torch.Tensor:
         if self.gray is None:
@@ -318,14 +477,14 @@ class Trainer:
     def step_losses(self) -> list[float]:
         """Train one epoch; the per-step losses (per image, except fdiv's divergence bound)."""
         data = self._epoch_data()
-        if self.config.objective == "fdiv" and self.gray is not None:
-            self.objective.data = data
+        if self.gray is not None:  # a fresh binarization
+            self.recipe.new_points(self.objective, data)
         order = torch.randperm(self.num_data).to(self.device)
         losses = []
         batches = range(0, self.num_data, self.config.batch_size)
         desc = f"{self.config.objective} epoch {self.epoch + 1}"
         # per image: the summed bounds are scaled to the data set; fdiv's bound is one number
-        per = 1 if self.config.objective == "fdiv" else self.num_data
+        per = self.num_data if self.recipe.per_image else 1
         for start in tqdm(batches, desc=desc, disable=not self.progress, leave=False):
             idx = order[start : start + self.config.batch_size]
             losses.append(self.svi.step(*self._args(data[idx], idx)) / per)

@@ -641,6 +641,17 @@ def test_get_divergence_by_name_and_alias():
     assert {d.name for d in DIVERGENCES} <= set(available_divergences())
 
 
+def test_as_divergence_takes_a_name_or_an_instance_and_names_the_argument():
+    assert divergences.as_divergence("js") == jensen_shannon
+    assert divergences.as_divergence(gan) is gan
+    with pytest.raises(ValueError, match=r"'amari_alpha' needs parameters.*as guide_f, e\.g\."):
+        divergences.as_divergence("amari_alpha", "guide_f")
+    with pytest.raises(ValueError, match="Unknown divergence 'renyi'"):
+        divergences.as_divergence("renyi")
+    with pytest.raises(ValueError, match=r"Expected f to be a divergence name.*actual 1\.0"):
+        divergences.as_divergence(1.0)
+
+
 def test_available_divergences_is_sorted():
     names = available_divergences()
     assert names == sorted(names)

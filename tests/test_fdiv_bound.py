@@ -1,6 +1,7 @@
 """The f-divergence joint upper bound and the f-GAN lower bound against exact answers."""
 
 import contextlib
+import copy
 import io
 import math
 
@@ -296,6 +297,71 @@ def test_pca_bound_gradient_agrees_with_the_exact_bound():
     diff = grads["pca"] - grads["exact"]  # same seeds: same samples up to the n draws
     assert (diff.mean(0).abs() < 4 * diff.std(0) / math.sqrt(len(diff)) + 1e-9).all()
     assert grads["exact"].mean(0).abs().max() > 10 * diff.mean(0).abs().max()
+
+
+def test_pca_projection_is_a_module_whose_buffers_round_trip():
+    torch.manual_seed(3)
+    projection = PCAProjection(torch.randn(40, 3), 2)
+    assert isinstance(projection, nn.Module)
+    assert dict(projection.named_buffers()).keys() == {"mean", "basis", "projected"}
+    other = PCAProjection(torch.randn(40, 3), 2)
+    other.load_state_dict(projection.state_dict())
+    assert all(
+        torch.equal(a, b) for a, b in zip(other.buffers(), projection.buffers(), strict=True)
+    )
+    assert all(t.dtype == torch.float32 for t in projection.float().buffers())
+
+
+def test_dtype_moves_of_the_bound_reach_the_pca_projection_and_its_state_round_trips():
+    """Regression: the PCA projection was a plain object that the objective's .to() / .double()
+    (and so a float32 or CUDA model) never reached."""
+    torch.manual_seed(3)
+    data = torch.randn(40, 2)
+
+    def make():
+        return FDivergenceBound(
+            "reverse_kl",
+            data=data,
+            spread=SpreadSchedule(1.0, 0.5, 4),
+            num_particles=2,
+            log_density="pca",
+            pca_dim=2,
+            guide_steps=1,
+        )
+
+    objective = make()
+    assert objective.to(torch.float32) is objective
+    assert objective.data.points.dtype == torch.float32
+    assert all(t.dtype == torch.float32 for t in objective.projection.buffers())
+    torch.set_default_dtype(torch.float32)  # conftest restores float64
+    model, guide = _decoder_model(), _linear_guide()
+    model.decoder.float(), guide.encoder.float()
+    batches = data.float()
+    losses, optim = _svi_run(objective, model, guide, batches, 2)
+    assert all(math.isfinite(v) for v in losses)
+    assert model.decoder.weight.grad.dtype == torch.float32
+    # the state (schedule, guide optimizer) round-trips into a fresh objective moved alike
+    saved = copy.deepcopy(
+        {
+            "params": pyro.get_param_store().get_state(),
+            "optim": optim.get_state(),
+            "objective": objective.state_dict(),
+            "rng": pyro.util.get_rng_state(),
+        }
+    )
+    expected, _ = _svi_run(objective, model, guide, batches, 2, optim, start=2)
+    pyro.get_param_store().set_state(saved["params"])
+    resumed = make().float()
+    resumed.load_state_dict(saved["objective"])
+    assert resumed.schedule.t == 2
+    optim = pyro.optim.Adam({"lr": 0.01})
+    optim.set_state(saved["optim"])
+    pyro.util.set_rng_state(saved["rng"])
+    got, _ = _svi_run(resumed, model, guide, batches, 2, optim, start=2)
+    assert got == expected
+    resumed.double()
+    assert resumed.data.points.dtype == torch.float64
+    assert all(t.dtype == torch.float64 for t in resumed.projection.buffers())
 
 
 def test_spread_schedule_and_state():
@@ -635,6 +701,72 @@ def test_structure_errors_name_the_sites_and_the_users_batch():
 
     with pytest.raises(ValueError, match=r"observation 'x' inside a data plate over the batch"):
         FDivergenceBound("reverse_kl", data=target).loss(unplated_model, unplated_guide, batch)
+
+
+def test_only_failures_of_the_stacked_batch_are_explained_as_such():
+    # the decision is by shapes: does the same run succeed on the batch as given (unstacked)?
+    target = dist.Normal(torch.zeros(2), 1.5).to_event(1)
+
+    def model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+    def failing_guide(x):  # fails whatever the batch: Pyro's error, passed on as it is
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+
+    objective = FDivergenceBound("forward_kl", data=target, num_particles=3, max_plate_nesting=1)
+    with pytest.raises(ValueError, match=r"^Model and guide shapes disagree at site 'z'"):
+        objective.loss(model, failing_guide, torch.randn(4, 2))
+
+    def fixed_subsample_guide(x):  # subsamples the stacked copies: refused by name, not wrapped
+        with pyro.plate("data", len(x), subsample_size=4):
+            pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+    with pytest.raises(ValueError, match=r"^FDivergenceBound: plate 'data' is subsampled"):
+        objective.loss(model, fixed_subsample_guide, torch.randn(4, 2))
+
+
+def test_the_data_side_is_one_interface():
+    from pyro_fdiv.inference.data_density import DensityData, EmpiricalData, as_data_density
+
+    data = torch.randn(20, 2)
+    empirical = as_data_density(data, 0.5)
+    assert isinstance(empirical, EmpiricalData) and empirical.can_sample
+    assert empirical.sigma == 0.5 and empirical.schedule.sigma == 0.5
+    batch = data[:4]
+    pyro.set_rng_seed(0)
+    y = empirical.sample_like(batch)  # the batch is the sample of the training set: add noise
+    pyro.set_rng_seed(0)
+    assert torch.equal(y, batch + 0.5 * torch.randn_like(batch))
+    assert torch.equal(empirical.log_prob(y), spread_log_density(y, data, 0.5))
+    with pytest.raises(ValueError, match=r"rows have shape \(2,\).*'x' has rows of shape \(3,\)"):
+        empirical.check_rows(torch.Size([3]), "x")
+    empirical.replace_points(data + 1.0)
+    assert torch.equal(empirical.points, data + 1.0)
+    with pytest.raises(ValueError, match=r"training set of shape \(20, 2\)"):
+        empirical.replace_points(data[:5])
+
+    density = as_data_density(TARGET, None)
+    assert isinstance(density, DensityData) and density.can_sample
+    assert density.sigma is None and density.schedule is None and density.projection is None
+    pyro.set_rng_seed(0)
+    y = density.sample_like(torch.zeros(5))
+    pyro.set_rng_seed(0)
+    assert torch.equal(y, TARGET.sample((5,)))
+    assert torch.equal(density.log_prob(y), TARGET.log_prob(y))
+    density.check_rows(torch.Size([7]), "x")  # a density's log_prob defines its rows
+    with pytest.raises(ValueError, match="log_density='pca' needs a training set"):
+        density.use_pca(2, 10)
+
+    class LogProbOnly:
+        def log_prob(self, y):
+            return -(y**2)
+
+    assert not as_data_density(LogProbOnly(), None).can_sample
+    objective = FDivergenceBound("js", data=data, spread=0.5)
+    assert isinstance(objective.data, EmpiricalData) and objective.sigma == 0.5
 
 
 def test_a_subsampled_plate_is_refused_before_the_model_indexes_the_batch():

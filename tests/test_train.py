@@ -11,16 +11,17 @@ import pytest
 import torch
 
 from pyro_fdiv.cli import main
-from pyro_fdiv.inference.objective import rng_preserved
-from pyro_fdiv.train import OBJECTIVES, TrainConfig, Trainer
+from pyro_fdiv.serialization import content_digest
+from pyro_fdiv.train import COUNTS, OBJECTIVES, RECIPES, TrainConfig, Trainer
+from pyro_fdiv.util import rng_preserved
 
 SETTINGS = {
-    "elbo": {"num_particles": 1},
-    "iwae": {"num_particles": 4, "gradient_estimator": "dreg"},
-    "bbalpha": {"num_particles": 4, "alpha": 2.0},
-    "avb": {"num_particles": 4},
-    "jsa": {"num_particles": 3},
-    "fdiv": {"num_particles": 2, "spread": (0.3, 0.3, 1)},
+    "elbo": {"num_elbo_samples": 1},
+    "iwae": {"num_importance_samples": 4, "gradient_estimator": "dreg"},
+    "bbalpha": {"num_importance_samples": 4, "alpha": 2.0},
+    "avb": {"num_elbo_samples": 4},
+    "jsa": {"num_proposals": 3},
+    "fdiv": {"num_bound_samples": 2, "spread": (0.3, 0.3, 1)},
 }
 
 
@@ -108,8 +109,41 @@ def test_resume_continues_exactly(objective, data_root, tmp_path):
 
 def test_resume_refuses_other_settings(data_root, tmp_path):
     Trainer(_config("iwae", data_root, tmp_path, epochs=1), progress=False).run()
-    with pytest.raises(ValueError, match="num_particles"):
-        Trainer(_config("iwae", data_root, tmp_path, num_particles=7), resume=True)
+    match = r"'num_importance_samples': \(4, 7\).*is num_particles, -k, for iwae"
+    with pytest.raises(ValueError, match=match):
+        Trainer(_config("iwae", data_root, tmp_path, num_importance_samples=7), resume=True)
+
+
+def test_num_particles_sets_the_count_of_the_objective():
+    for objective, count in COUNTS.items():
+        config = TrainConfig(objective=objective, num_particles=3)
+        assert getattr(config, count) == 3 and config.num_particles == 3
+        others = set(COUNTS.values()) - {count}
+        assert all(getattr(config, name) == 1 for name in others)
+        assert "num_particles" not in config.comparable()
+    assert TrainConfig(objective="jsa", num_proposals=5).num_particles == 5
+    assert TrainConfig(objective="jsa", num_proposals=5, num_particles=5).num_proposals == 5
+    with pytest.raises(ValueError, match=r"num_particles=3 sets num_proposals.*which is 5"):
+        TrainConfig(objective="jsa", num_proposals=5, num_particles=3)
+    assert set(COUNTS) == set(OBJECTIVES) == set(RECIPES)
+
+
+#: What a format-2 checkpoint's digest covers.
+checkpoint_entries = ("param_store", "optim", "objective", "objective_type", "rng", "extra")
+
+
+def test_a_checkpoint_that_saved_num_particles_resumes(data_root, tmp_path):
+    # settings saved before each count had its own name: num_particles was the objective's
+    config = _config("jsa", data_root, tmp_path, epochs=1)
+    Trainer(config, progress=False).run()
+    payload = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    saved = payload["extra"]["config"]
+    saved["num_particles"] = saved.pop("num_proposals")
+    payload["digest"] = content_digest(payload, checkpoint_entries)
+    torch.save(payload, tmp_path / "checkpoint.pt")
+    assert Trainer(_config("jsa", data_root, tmp_path, epochs=2), resume=True).epoch == 1
+    with pytest.raises(ValueError, match=r"'num_proposals': \(3, 2\)"):
+        Trainer(_config("jsa", data_root, tmp_path, num_proposals=2), resume=True)
 
 
 def test_cli_train_writes_log_checkpoint_and_images(data_root, tmp_path, capsys):
@@ -139,6 +173,7 @@ def test_cli_train_writes_log_checkpoint_and_images(data_root, tmp_path, capsys)
         ({"dataset": "cifar"}, "dataset"),
         ({"architecture": "huge"}, "architecture"),
         ({"num_particles": 0}, "num_particles"),
+        ({"num_proposals": 0}, "num_proposals"),
         ({"lr": -1.0}, "lr"),
     ],
 )
@@ -166,7 +201,7 @@ def test_mnist_is_binarized_afresh_each_epoch_and_resumes_exactly(tmp_path):
             tmp_path / "mnist" / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 4, 4))
         )
         _write_idx(tmp_path / "mnist" / f"{split}-labels-idx1-ubyte.gz", np.zeros(n))
-    config = {"dataset": "mnist", "num_particles": 2, "batch_size": 10, "eval_samples": 5}
+    config = {"dataset": "mnist", "num_importance_samples": 2, "batch_size": 10, "eval_samples": 5}
     trainer = Trainer(_config("iwae", tmp_path, tmp_path / "a", epochs=2, **config), progress=False)
     assert trainer.gray is not None and ((trainer.gray > 0) & (trainer.gray < 1)).any()
     first, second = trainer._epoch_data(), trainer._epoch_data()

@@ -28,7 +28,7 @@ from pyro_fdiv.inference.importance import (
     importance_trace,
     sample_sites,
 )
-from pyro_fdiv.inference.objective import check_integer, check_num_particles
+from pyro_fdiv.util import check_integer, check_num_particles
 
 __all__ = ["AVB", "Discriminator"]
 
@@ -585,6 +585,27 @@ class AVB(ELBO):
             return
         self.discriminator.load_state_dict(state["discriminator"])
         self.adversary_optim.load_state_dict(state["adversary_optim"])
+
+    # the inner-training convention (pyro_fdiv.inference.inner.InnerTraining)
+    def inner_parameters(self) -> list[torch.Tensor]:
+        """The discriminator's parameters (``[]`` before it is built, on first use)."""
+        return [] if self.discriminator is None else list(self.discriminator.parameters())
+
+    def step_inner(self, model, guide, *args, **kwargs) -> float | None:
+        """``num_adversary_steps`` :meth:`adversary_step` updates, each on a fresh draw; the
+        last one's loss (``None`` for none)."""
+        value = None
+        for _ in range(self.num_adversary_steps):
+            value = self.adversary_step(model, guide, *args, **kwargs)
+        return value
+
+    def to(self, *args, **kwargs) -> AVB:
+        """Move the discriminator and its optimizer's state (one not built yet is built where
+        the guide's samples are)."""
+        if self.discriminator is not None:
+            self.discriminator.to(*args, **kwargs)
+            self.adversary_optim.load_state_dict(self.adversary_optim.state_dict())
+        return self
 
 
 class _AdamFactory:

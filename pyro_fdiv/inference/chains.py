@@ -26,7 +26,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from pyro_fdiv.inference.importance import PARTICLE_PLATE, vectorized_frames
-from pyro_fdiv.inference.objective import check_integer
+from pyro_fdiv.util import check_integer
 
 __all__ = [
     "ACCEPTANCE_DECAY",

@@ -15,7 +15,8 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 
-from pyro_fdiv.divergences import Divergence, ForwardKL, ReverseKL, get_divergence
+from pyro_fdiv.divergences import Divergence, ForwardKL, ReverseKL, as_divergence
+from pyro_fdiv.inference.data_density import DataDensity, as_data_density
 from pyro_fdiv.inference.generative import (
     DataArgument,
     ObservationMessenger,
@@ -27,34 +28,20 @@ from pyro_fdiv.inference.generative import (
 )
 from pyro_fdiv.inference.importance import (
     LogWeights,
-    check_flag,
     checked_value,
+    guess_max_plate_nesting,
     log_mean_exp,
     log_weights_from_traces,
 )
-from pyro_fdiv.inference.objective import check_integer, check_num_particles, rng_preserved
-from pyro_fdiv.inference.spread import (
-    PCAProjection,
-    SpreadSchedule,
-    pca_spread_log_density,
-    spread_log_density,
-)
+from pyro_fdiv.inference.inner import InnerTraining
+from pyro_fdiv.inference.spread import PCAProjection, SpreadSchedule
+from pyro_fdiv.util import check_flag, check_integer, check_num_particles, rng_preserved
 
 __all__ = ["FDivergenceBound"]
 
 
-def _as_divergence(f: str | Divergence) -> Divergence:
-    if isinstance(f, Divergence):
-        return f
-    if isinstance(f, str):
-        try:
-            return get_divergence(f)
-        except TypeError as err:  # a family that needs its parameters, e.g. Amari's alpha
-            raise ValueError(
-                f"Divergence {f!r} needs parameters ({err}): pass an instance as f, e.g. "
-                f"f=get_divergence({f!r}, alpha=0.5) for the order alpha of 'amari_alpha'"
-            ) from err
-    raise ValueError(f"Expected f to be a divergence name or a Divergence, actual {f!r}")
+class _SubsampledPlate(ValueError):
+    """A plate subsamples the batch: raised by :class:`_NoSubsampling`, never wrapped."""
 
 
 class _NoSubsampling(Messenger):
@@ -76,7 +63,7 @@ class _NoSubsampling(Messenger):
             how = f"subsample_size={fn.subsample_size} of {fn.size}"
         else:
             return
-        raise ValueError(
+        raise _SubsampledPlate(
             f"{self.objective}: plate '{msg['name']}' is subsampled ({how}). The batch is the "
             "sample of p_hat: pass the minibatch itself as the data argument "
             f"({self.data_arg.describe()}) and declare the plate without subsample or "
@@ -94,13 +81,7 @@ class _Draw(NamedTuple):
     traces: dict[str, Trace]
 
 
-def _as_schedule(spread: float | SpreadSchedule | None) -> SpreadSchedule | None:
-    if spread is None or isinstance(spread, SpreadSchedule):
-        return spread
-    return SpreadSchedule(spread)
-
-
-class FDivergenceBound(ELBO):
+class FDivergenceBound(InnerTraining, ELBO):
     r"""
     The auxiliary f-divergence upper bound of [1] for learning a latent generative model
     :math:`p_\theta(x, z) = p_\theta(x \mid z) p(z)` by any f-divergence, with an encoder
@@ -154,6 +135,10 @@ class FDivergenceBound(ELBO):
     - or a distribution with ``log_prob`` (and ``sample`` for the data side), when the target
       density is known; its observation site is used as the model writes it.
 
+    Either is wrapped once, at construction, into :attr:`data`, a
+    :class:`~pyro_fdiv.inference.data_density.DataDensity` (``EmpiricalData`` or
+    ``DensityData``) through which the bound samples and evaluates :math:`\hat p`.
+
     **The data argument.** The model and guide take the batch as one argument: the first
     positional one by default, or ``data_arg`` (an index or a keyword name). Every latent
     site and the observation must sit in one data plate sized by that batch, the plate of the
@@ -172,7 +157,10 @@ class FDivergenceBound(ELBO):
     per model step; their bound can be another f's, ``guide_f``), then back-propagates the
     bound into the model's parameters only (into all parameters when ``guide_steps=0``), and
     advances the spread schedule; :meth:`loss` changes nothing. The schedule's position and the
-    guide optimizer are in :meth:`state_dict`.
+    guide optimizer are in :meth:`state_dict`. The guide steps follow the convention of
+    :class:`~pyro_fdiv.inference.inner.InnerTraining` (:meth:`step_inner`,
+    :meth:`inner_parameters`), and ``.to()``, ``.double()``, ``.float()`` move the training set
+    and the PCA projection (the model's and guide's parameters are the caller's to move).
 
     Example::
 
@@ -262,10 +250,11 @@ class FDivergenceBound(ELBO):
         self.num_importance_samples = check_integer(
             "num_importance_samples", num_importance_samples, 1
         )
-        self.divergence = _as_divergence(f)
-        self.schedule = _as_schedule(spread)
-        self._check_data(data)
-        self.data = data
+        self.divergence = as_divergence(f)
+        #: The data side :math:`\hat p`: an :class:`~pyro_fdiv.inference.data_density.EmpiricalData`
+        #: (a training set under spread noise) or a
+        #: :class:`~pyro_fdiv.inference.data_density.DensityData` (a target density).
+        self.data: DataDensity = as_data_density(data, spread)
         if sample_from not in ("model", "data", "auto"):
             raise ValueError(
                 f"Expected sample_from in ('model', 'data', 'auto'), actual {sample_from!r}"
@@ -273,13 +262,13 @@ class FDivergenceBound(ELBO):
         if sample_from == "auto":
             sample_from = "data" if isinstance(self.divergence, ForwardKL) else "model"
         self.sample_from = sample_from
-        if sample_from == "data" and not isinstance(data, torch.Tensor):
-            if not hasattr(data, "sample"):
-                raise ValueError("sample_from='data' needs a target distribution with sample()")
-        self._check_log_density(log_density, num_pca_samples)
+        if sample_from == "data" and not self.data.can_sample:
+            raise ValueError("sample_from='data' needs a target distribution with sample()")
+        self._check_log_density(log_density)
+        if log_density == "pca":  # a target density raises: the estimator needs a training set
+            self.data.use_pca(pca_dim, num_pca_samples)
         self.log_density = log_density
-        self.num_pca_samples = int(num_pca_samples)
-        self.projection = PCAProjection(data, pca_dim) if log_density == "pca" else None
+        self.num_pca_samples = check_integer("num_pca_samples", num_pca_samples, 1)
         self.guide_steps = check_integer("guide_steps", guide_steps, 0)
         if guide_optim is not None and not isinstance(guide_optim, PyroOptim):
             raise ValueError(
@@ -299,42 +288,16 @@ class FDivergenceBound(ELBO):
                 "guide_f is the divergence of the guide steps: pass guide_steps >= 1 (with "
                 "guide_steps=0 one joint update minimizes f's bound in all parameters)"
             )
-        divergence = _as_divergence(guide_f)
+        divergence = as_divergence(guide_f, "guide_f")
         if self.log_density == "pca" and not isinstance(divergence, ReverseKL):
             raise ValueError(
                 "log_density='pca' estimates gradients of a bound linear in log p_hat: use "
                 f"guide_f='reverse_kl' (or None) with it, actual {divergence.name!r}"
             )
-        data_side = isinstance(divergence, ForwardKL) and (
-            isinstance(self.data, torch.Tensor) or hasattr(self.data, "sample")
-        )
+        data_side = isinstance(divergence, ForwardKL) and self.data.can_sample
         return divergence, "data" if data_side else "model"
 
-    def _check_data(self, data) -> None:
-        if isinstance(data, torch.Tensor):
-            if data.dim() < 1 or data.shape[0] < 1:
-                raise ValueError(
-                    f"Expected data to be a training set of shape (N, ...) with N >= 1, actual "
-                    f"shape {tuple(data.shape)}"
-                )
-            if self.schedule is None:
-                raise ValueError(
-                    "A training set needs spread noise: pass spread=sigma (or a SpreadSchedule); "
-                    "without it p_hat(y) is a sum of point masses"
-                )
-        elif isinstance(data, Distribution) or hasattr(data, "log_prob"):
-            if self.schedule is not None:
-                raise ValueError(
-                    "spread applies to a training set; a target distribution's log_prob is used "
-                    "as is: pass spread=None"
-                )
-        else:
-            raise ValueError(
-                "Expected data to be a training set tensor (N, ...) or a distribution with "
-                f"log_prob, actual {type(data).__name__}"
-            )
-
-    def _check_log_density(self, log_density: str, num_pca_samples: int) -> None:
+    def _check_log_density(self, log_density: str) -> None:
         if log_density not in ("exact", "pca"):
             raise ValueError(f"Expected log_density in ('exact', 'pca'), actual {log_density!r}")
         if log_density == "pca":
@@ -345,24 +308,25 @@ class FDivergenceBound(ELBO):
                     f"log_density='exact' for f={self.divergence.name!r}, "
                     f"sample_from={self.sample_from!r}"
                 )
-            if not isinstance(self.data, torch.Tensor):
-                raise ValueError("log_density='pca' needs a training set tensor as data")
-        check_integer("num_pca_samples", num_pca_samples, 1)
+
+    @property
+    def schedule(self) -> SpreadSchedule | None:
+        """The spread schedule (``None`` for a target distribution)."""
+        return self.data.schedule
 
     @property
     def sigma(self) -> float | None:
         """The current spread width (``None`` for a target distribution)."""
-        return None if self.schedule is None else self.schedule.sigma
+        return self.data.sigma
+
+    @property
+    def projection(self) -> PCAProjection | None:
+        """The PCA projection of ``log_density="pca"`` (``None`` otherwise)."""
+        return self.data.projection
 
     def log_data_density(self, y: torch.Tensor) -> torch.Tensor:
         r""":math:`\log \hat p(y)` (or the target's ``log_prob``), reduced over the event."""
-        if not isinstance(self.data, torch.Tensor):
-            return self.data.log_prob(y)
-        if self.log_density == "pca":
-            return pca_spread_log_density(
-                y, self.data, self.sigma, self.projection, self.num_pca_samples
-            )
-        return spread_log_density(y, self.data, self.sigma)
+        return self.data.log_prob(y)
 
     # ---------------------------------------------------------------- the bound
     def _guarded(self, fn):
@@ -372,10 +336,9 @@ class FDivergenceBound(ELBO):
         """On the first call: ``max_plate_nesting``, the observation site and the data plate,
         checked on the batch as given (before any stacking)."""
         if self.max_plate_nesting == float("inf"):
-            with rng_preserved():
-                self._guess_max_plate_nesting(
-                    self._guarded(model), self._guarded(guide), args, kwargs
-                )
+            self.max_plate_nesting = guess_max_plate_nesting(
+                self._guarded(model), self._guarded(guide), args, kwargs
+            )
         if getattr(self, "_obs_name", None) is None:
             x = self.data_arg.get(args, kwargs)
             trace = traced_once(self._guarded(model), *args, **kwargs)
@@ -429,12 +392,7 @@ class FDivergenceBound(ELBO):
                 f"observation site '{site['name']}' holds shape {tuple(value.shape)}: the model "
                 "must observe the batch it is given (obs=x)"
             )
-        event_shape = x.shape[1:]
-        if isinstance(self.data, torch.Tensor) and self.data.shape[1:] != event_shape:
-            raise ValueError(
-                f"The training set's rows have shape {tuple(self.data.shape[1:])} but observation "
-                f"site '{site['name']}' has rows of shape {tuple(event_shape)}"
-            )
+        self.data.check_rows(x.shape[1:], site["name"])
 
     def _traces(self, model, guide, args, kwargs, sample_from: str):
         """``{kind: (model trace, guide trace)}`` of one vectorized draw (the first holding every
@@ -443,9 +401,15 @@ class FDivergenceBound(ELBO):
         x = repeat_batch(batch, self.num_particles)
         model, guide = self._guarded(model), self._guarded(guide)
         try:
-            pairs, y = self._run(model, guide, args, kwargs, x, sample_from)
+            pairs, y = self._run(
+                model, guide, args, kwargs, x, sample_from, self.num_importance_samples
+            )
+        except _SubsampledPlate:
+            raise
         except ValueError as err:
-            if self.num_particles == 1 or "Shape mismatch inside plate" not in str(err):
+            if len(x) == len(batch) or not self._runs_unstacked(
+                model, guide, args, kwargs, batch, sample_from
+            ):
                 raise
             raise ValueError(
                 f"{type(self).__name__} runs the model and guide on num_particles="
@@ -465,7 +429,20 @@ class FDivergenceBound(ELBO):
             )
         return pairs, y
 
-    def _run(self, model, guide, args, kwargs, x: torch.Tensor, sample_from: str):
+    def _runs_unstacked(self, model, guide, args, kwargs, batch, sample_from: str) -> bool:
+        """Whether the run that failed on the stacked batch succeeds on the batch as given (one
+        latent per ``y``): then the failure came from the stacking, i.e. a site whose shape
+        follows something other than the data argument (e.g. per-data-point parameters)."""
+        with rng_preserved(), torch.no_grad():
+            try:
+                self._run(model, guide, args, kwargs, batch, sample_from, 1)
+            except ValueError:
+                return False
+        return True
+
+    def _run(self, model, guide, args, kwargs, x: torch.Tensor, sample_from: str, copies: int):
+        """``({kind: (model trace, guide trace)}, y)`` of the stacked batch ``x``, with
+        ``copies`` latents per ``y``."""
         if sample_from == "model":
             sampler = ObservationMessenger(self._obs_name, self.sigma, resample=True)
             model_args = self.data_arg.substitute(args, kwargs, x)
@@ -478,16 +455,12 @@ class FDivergenceBound(ELBO):
                 *guide_args[0], **guide_args[1]
             )
             pairs = {"": (model_trace, guide_trace)}
-            if self.num_importance_samples > 1:
-                copies = self.num_importance_samples - 1
-                extra = self._given_y(model, guide, args, kwargs, y, copies)
+            if copies > 1:
+                extra = self._given_y(model, guide, args, kwargs, y, copies - 1)
                 pairs[" (importance samples)"] = extra
             return pairs, y
-        if isinstance(self.data, torch.Tensor):
-            y = x + self.sigma * torch.randn_like(x)
-        else:
-            y = self.data.sample(x.shape[: x.dim() - len(self.data.event_shape)]).to(x)
-        return {"": self._given_y(model, guide, args, kwargs, y, self.num_importance_samples)}, y
+        y = self.data.sample_like(x)
+        return {"": self._given_y(model, guide, args, kwargs, y, copies)}, y
 
     def _given_y(self, model, guide, args, kwargs, y: torch.Tensor, copies: int):
         """Traces of ``z ~ q(z | y)`` and the model observing ``y``, ``copies`` latents per y."""
@@ -557,22 +530,7 @@ class FDivergenceBound(ELBO):
         return terms.mean(), draw
 
     def _checked(self, bound: torch.Tensor, draw: _Draw) -> float:
-        if isinstance(self.data, torch.Tensor):
-            density = (
-                "the data density log p_hat(y), the training set under spread noise of width "
-                f"sigma={self.sigma:g}"
-            )
-            advice = (
-                "The samples y are far from every training point at this spread: pass a larger "
-                "spread (or anneal it from a wider start) so that p_hat covers the model's "
-                "samples, or initialize the model closer to the data."
-            )
-        else:
-            density = "the data density log p_hat(y), the target distribution's log_prob"
-            advice = (
-                "The samples y lie where the target's density is 0 or underflows: initialize "
-                "the model closer to the data."
-            )
+        density, advice = self.data.non_finite_advice()
         return checked_value(
             bound.detach(),
             type(self).__name__,
@@ -607,7 +565,8 @@ class FDivergenceBound(ELBO):
             self._checked(bound, draw)
         return bound
 
-    def _guide_step(self, model, guide, args, kwargs) -> None:
+    def _guide_step(self, model, guide, args, kwargs) -> torch.Tensor:
+        """One update of the guide's parameters with ``guide_optim``; the detached bound."""
         bound, draw = self._bound(model, guide, args, kwargs, for_guide=True)
         if self.check_finite:
             self._checked(bound, draw)
@@ -628,18 +587,42 @@ class FDivergenceBound(ELBO):
         self.guide_optim(stepped)
         for p in stepped:
             p.grad = None
+        return bound.detach()
+
+    # ---------------------------------------------------------------- the inner convention
+    def _inner_modules(self) -> list[torch.nn.Module]:
+        return [self.data]  # the training set and the PCA projection
+
+    def inner_parameters(self) -> list[torch.Tensor]:
+        """The guide parameters that ``guide_optim`` has updated (``[]`` before the first guide
+        step, and with ``guide_steps=0``: then SVI's optimizer steps the guide)."""
+        return list(self.guide_optim.optim_objs)
+
+    def step_inner(self, model, guide, *args, **kwargs) -> float | None:
+        """
+        The ``guide_steps`` guide updates of one :meth:`loss_and_grads` alone (each on a fresh
+        draw, minimizing ``guide_f``'s bound); the model's parameters are left alone.
+
+        :returns: the bound of the last update's draw, ``None`` with ``guide_steps=0``.
+        :raises ValueError: naming the sites if the bound is not finite (with
+            ``check_finite``).
+        """
+        bound = None
+        for _ in range(self.guide_steps):
+            bound = self._guide_step(model, guide, args, kwargs)
+        return None if bound is None else bound.item()
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         """
-        Take ``guide_steps`` guide updates, then back-propagate the bound (into the model's
-        parameters, or all parameters when ``guide_steps=0``) and advance the spread schedule.
+        Take ``guide_steps`` guide updates (:meth:`step_inner`), then back-propagate the bound
+        (into the model's parameters, or all parameters when ``guide_steps=0``) and advance the
+        spread schedule.
 
         :returns: the bound estimate of the final evaluation.
         :raises ValueError: naming the sites (and the data density) if the bound is not finite
             (with ``check_finite``).
         """
-        for _ in range(self.guide_steps):
-            self._guide_step(model, guide, args, kwargs)
+        self.step_inner(model, guide, *args, **kwargs)
         bound, draw = self._bound(model, guide, args, kwargs)
         value = self._checked(bound, draw)
         if bound.requires_grad:

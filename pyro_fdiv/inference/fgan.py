@@ -13,8 +13,8 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
-from pyro_fdiv.divergences import Divergence
-from pyro_fdiv.inference.fdiv_bound import _as_divergence
+from pyro_fdiv.divergences import Divergence, as_divergence
+from pyro_fdiv.inference.data_density import DensityData
 from pyro_fdiv.inference.generative import (
     DataArgument,
     ObservationMessenger,
@@ -24,13 +24,14 @@ from pyro_fdiv.inference.generative import (
     trace_params,
     traced_once,
 )
-from pyro_fdiv.inference.importance import check_flag, checked_value
-from pyro_fdiv.inference.objective import check_integer, check_num_particles
+from pyro_fdiv.inference.importance import checked_value
+from pyro_fdiv.inference.inner import InnerTraining
+from pyro_fdiv.util import check_flag, check_integer, check_num_particles
 
 __all__ = ["FGANBound"]
 
 
-class FGANBound(ELBO):
+class FGANBound(InnerTraining, ELBO):
     r"""
     The variational lower bound of [1] on :math:`D_f(P \| Q_\theta)` between the data
     distribution :math:`P` and the model's marginal :math:`Q_\theta = p_\theta(x)`,
@@ -55,8 +56,11 @@ class FGANBound(ELBO):
     Data samples are the batch passed to the model (the data argument, ``data_arg``), or draws
     from ``data`` when a target distribution is given.
 
-    :meth:`loss_and_grads` takes ``critic_steps`` critic updates with ``critic_optim``, then
-    back-propagates the bound into the model's parameters only; :meth:`loss` changes nothing.
+    :meth:`loss_and_grads` takes ``critic_steps`` critic updates with ``critic_optim``
+    (:meth:`step_inner`), then back-propagates the bound into the model's parameters only;
+    :meth:`loss` changes nothing. The critic is the objective's own trainable part
+    (:meth:`inner_parameters`, :class:`~pyro_fdiv.inference.inner.InnerTraining`): ``.to()``
+    moves it with its optimizer's state, and :meth:`state_dict` holds both.
     :meth:`critic_loss` reports the critic's own loss (the negated bound) for monitoring.
 
     :param f: the divergence, a name or a :class:`~pyro_fdiv.divergences.Divergence`.
@@ -97,7 +101,7 @@ class FGANBound(ELBO):
     ):
         super().__init__(num_particles=check_num_particles(num_particles))
         self.check_finite = check_flag("check_finite", check_finite)
-        self.divergence = _as_divergence(f)
+        self.divergence = as_divergence(f)
         if not isinstance(critic, nn.Module):
             raise ValueError(
                 f"Expected critic to be a torch.nn.Module V(x), actual {type(critic).__name__}"
@@ -107,7 +111,7 @@ class FGANBound(ELBO):
             raise ValueError(
                 f"Expected data to be None or a distribution with sample(), actual {data!r}"
             )
-        self.data = data
+        self.data = None if data is None else DensityData(data)
         if critic_optim is None:
             critic_optim = torch.optim.Adam(critic.parameters(), lr=1e-3)
         elif not isinstance(critic_optim, torch.optim.Optimizer):
@@ -147,7 +151,7 @@ class FGANBound(ELBO):
                 "name"
             ]
         if self.data is not None:
-            x = self.data.sample(x.shape[: x.dim() - len(self.data.event_shape)]).to(x)
+            x = self.data.sample_like(x)
         batch = repeat_batch(x, self.num_particles)
         model_args, model_kwargs = self.data_arg.substitute(args, kwargs, batch)
         sampler = ObservationMessenger(self._obs_name, resample=True)
@@ -215,11 +219,25 @@ class FGANBound(ELBO):
         """The critic's loss, the negated bound, for monitoring; changes no state."""
         return -self.loss(model, guide, *args, **kwargs)
 
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        """``critic_steps`` critic updates, then the bound's gradient into the model only.
+    # ---------------------------------------------------------------- the inner convention
+    def _inner_modules(self) -> list[nn.Module]:
+        return [self.critic]
 
-        :raises ValueError: if the bound is not finite (with ``check_finite``)."""
-        self._check_guide(guide, args, kwargs)
+    def _inner_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.critic_optim]
+
+    def inner_parameters(self) -> list[torch.Tensor]:
+        """The critic's parameters, which ``critic_optim`` updates."""
+        return list(self.critic.parameters())
+
+    def step_inner(self, model, guide, *args, **kwargs) -> float:
+        """
+        The ``critic_steps`` critic updates of one :meth:`loss_and_grads` alone, each on fresh
+        data and model samples; the model's parameters are left alone.
+
+        :returns: the critic's loss (the negated bound) before the last update.
+        :raises ValueError: if the bound is not finite (with ``check_finite``).
+        """
         for _ in range(self.critic_steps):
             with torch.no_grad():
                 x_data, x_model, trace = self._samples(model, args, kwargs)
@@ -230,6 +248,15 @@ class FGANBound(ELBO):
             critic_loss.backward()
             self.critic_optim.step()
             self.critic_optim.zero_grad()
+        return critic_loss.item()
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """``critic_steps`` critic updates (:meth:`step_inner`), then the bound's gradient into
+        the model only.
+
+        :raises ValueError: if the bound is not finite (with ``check_finite``)."""
+        self._check_guide(guide, args, kwargs)
+        self.step_inner(model, guide, *args, **kwargs)
         x_data, x_model, trace = self._samples(model, args, kwargs)
         bound = self.bound(x_data, x_model)
         value = self._checked(bound, trace)

@@ -14,7 +14,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 
-from pyro_fdiv.inference.objective import rng_preserved
+from pyro_fdiv.util import rng_preserved
 
 __all__ = [
     "DataArgument",

@@ -34,6 +34,8 @@ from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_model_guide_match, check_site_shape
 from torch.distributions.utils import broadcast_all
 
+from pyro_fdiv.util import check_flag, rng_preserved
+
 __all__ = [
     "NON_FINITE_ADVICE",
     "PARTICLE_PLATE",
@@ -479,9 +481,6 @@ def guess_max_plate_nesting(
     random state (torch, numpy, random) afterwards, so the caller's stream is untouched. With
     Pyro's validation on, each site's batch shape is checked against its plates.
     """
-    # objective.py imports this module: import its RNG guard at call time
-    from pyro_fdiv.inference.objective import rng_preserved
-
     with rng_preserved(), poutine.block():
         model_trace, guide_trace = _traces(model, guide, args, kwargs, None, None)
     sites = [
@@ -612,13 +611,6 @@ def checked_value(
     value = loss.item()
     if check_finite and not math.isfinite(value):
         raise_non_finite(value, objective, weights, **details)
-    return value
-
-
-def check_flag(name: str, value: object) -> bool:
-    """Validate a boolean option ``name`` (e.g. ``check_finite``)."""
-    if not isinstance(value, bool):
-        raise ValueError(f"Expected {name} to be a bool, actual {value!r}")
     return value
 
 

@@ -35,7 +35,7 @@ from pyro_fdiv.inference.importance import (
     sample_sites,
     vectorized_frames,
 )
-from pyro_fdiv.inference.objective import check_integer, check_num_particles, rng_preserved
+from pyro_fdiv.util import check_integer, check_num_particles, rng_preserved
 
 __all__ = ["JSA"]
 
@@ -595,6 +595,17 @@ class JSA(ELBO, ChainStore):
             traces={"model": model_trace, "guide": guide_trace},
             check_finite=self.check_finite,
         )
+
+    # the inner-training convention (pyro_fdiv.inference.inner.InnerTraining); .to() is
+    # nn.Module's and moves the chains
+    def inner_parameters(self) -> list[torch.Tensor]:
+        """None: SVI's optimizer steps the guide (through the surrogate loss) and the model;
+        the chains are buffers."""
+        return []
+
+    def step_inner(self, model, guide, *args, **kwargs) -> None:
+        """No inner updates: each step's chain moves belong to :meth:`loss_and_grads`."""
+        return None
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import numbers
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pyro
@@ -16,12 +14,12 @@ from pyro.infer.util import is_validation_enabled
 from pyro_fdiv.checkpoint import get_rng_state, set_rng_state
 from pyro_fdiv.inference.importance import (
     LogWeights,
-    check_flag,
     checked_value,
     guess_max_plate_nesting,
     importance_trace,
     trace_signature,
 )
+from pyro_fdiv.util import check_flag, check_integer, check_num_particles, rng_preserved
 
 __all__ = [
     "ImportanceObjective",
@@ -30,30 +28,6 @@ __all__ = [
     "rng_preserved",
     "score_function_surrogate",
 ]
-
-
-def check_integer(name: str, value: object, minimum: int) -> int:
-    """Validate a count argument ``name``: an integer (not a bool) ``>= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"Expected {name} to be an integer >= {minimum}, actual {value!r}")
-    return int(value)
-
-
-def check_num_particles(num_particles: object) -> int:
-    """Validate ``num_particles``: a positive integer."""
-    return check_integer("num_particles", num_particles, 1)
-
-
-@contextlib.contextmanager
-def rng_preserved() -> Iterator[None]:
-    """Restore Pyro's random state (torch, numpy, random) after the block, so that running model
-    and guide to inspect them (e.g. to guess ``max_plate_nesting``) leaves the caller's random
-    stream untouched."""
-    state = get_rng_state()
-    try:
-        yield
-    finally:
-        set_rng_state(state)
 
 
 def score_function_surrogate(

@@ -6,8 +6,9 @@ import math
 import numbers
 
 import torch
+from torch import nn
 
-from pyro_fdiv.inference.objective import check_integer
+from pyro_fdiv.util import check_integer
 
 __all__ = [
     "PCAProjection",
@@ -152,24 +153,30 @@ def spread_log_density(y: torch.Tensor, data: torch.Tensor, sigma: float) -> tor
     return log_p.reshape(batch_shape)
 
 
-class PCAProjection:
+class PCAProjection(nn.Module):
     r"""
     A PCA basis :math:`U \in \mathbb{R}^{D \times k}` of a training set, fitted once, with the
     projected data :math:`U^\top (x_n - \bar x)` precomputed.
+
+    The mean :math:`\bar x`, the basis and the projected data are buffers: ``.to()``,
+    ``.double()`` and ``.float()`` move them, and ``state_dict`` holds them.
 
     :param torch.Tensor data: the training set, shape ``(N,) + event_shape``.
     :param int dim: :math:`k`, clipped to ``min(N, D)``.
     """
 
     def __init__(self, data: torch.Tensor, dim: int = 50):
+        super().__init__()
         dim = check_integer("pca_dim", dim, 1)
         flat = data.reshape(data.shape[0], -1)
-        self.mean = flat.mean(0)
-        centered = flat - self.mean
+        mean = flat.mean(0)
+        centered = flat - mean
         dim = min(dim, *centered.shape)
         _, _, vh = torch.linalg.svd(centered, full_matrices=False)
-        self.basis = vh[:dim].T.contiguous()
-        self.projected = centered @ self.basis
+        basis = vh[:dim].T.contiguous()
+        self.register_buffer("mean", mean)
+        self.register_buffer("basis", basis)
+        self.register_buffer("projected", centered @ basis)
 
     def project(self, flat: torch.Tensor) -> torch.Tensor:
         return (flat - self.mean) @ self.basis

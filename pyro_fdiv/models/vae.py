@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyro_fdiv.inference.implicit import implicit_sample
-from pyro_fdiv.inference.objective import check_integer
 from pyro_fdiv.models.toy import mlp
+from pyro_fdiv.util import check_integer
 
 __all__ = ["ARCHITECTURES", "VAE", "Decoder", "Encoder", "ImplicitEncoder"]
 
