@@ -81,6 +81,8 @@ def test_global_latent_gives_one_weight_per_particle():
 
 
 def test_subsampling_outside_a_shared_plate_raises():
+    x = torch.randn(5)
+
     def model(x):
         mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
         with pyro.plate("data", len(x), subsample_size=2) as idx:
@@ -93,7 +95,11 @@ def test_subsampling_outside_a_shared_plate_raises():
 
     match = r"plate 'data' is subsampled .* \[model site 'mu', guide site 'mu'\] are outside"
     with pytest.raises(ValueError, match=match):
-        IWAE(num_particles=2).loss(model, guide, torch.randn(5))
+        IWAE(num_particles=2, global_latents="error").loss(model, guide, x)
+    with pytest.raises(ValueError, match=match):
+        BlackBoxAlpha(0.5, num_particles=2, global_latents="error").loss(model, guide, x)
+    with pytest.raises(ValueError, match=match):  # the mechanism's default is strict
+        get_log_weights(model, guide, (x,), {}, 2, 1)
 
 
 def test_subsample_shared_by_particles_and_scale_applied():
@@ -215,16 +221,31 @@ def test_dreg_rejects_hierarchical_guides():
     assert torch.isfinite(stl.differentiable_loss(model, guide))
 
 
-def test_batch_dims_outside_plates_raise():
+def test_batch_dims_outside_plates_raise_when_vectorized_and_run_sequentially():
     def model():
         pyro.sample("z", dist.Normal(torch.zeros(5, 3), 1.0))
 
     guide = model
+
+    def event_model():  # the same density, the batch dims declared as event dims
+        pyro.sample("z", dist.Normal(torch.zeros(5, 3), 1.0).to_event(2))
+
+    vectorized = IWAE(num_particles=3, max_plate_nesting=0, vectorize_particles=True)
     with pyro.validation_enabled(False), pytest.raises(ValueError, match=r"Site 'z'.*to_event"):
-        IWAE(num_particles=3, max_plate_nesting=0).loss(model, guide)
+        vectorized.loss(model, guide)
     # a batch dim that collides with the particle plate is caught by Pyro's plate itself
+    vectorized = IWAE(num_particles=2, max_plate_nesting=0, vectorize_particles=True)
     with pyro.validation_enabled(False), pytest.raises(ValueError, match="Shape mismatch"):
-        IWAE(num_particles=2, max_plate_nesting=0).loss(model, guide)
+        vectorized.loss(model, guide)
+    # by default the particles then run one after another, each summing the batch dims
+    # outside the plates into its weight, as Trace_ELBO does
+    for k, match in ((3, r"at site 'z'"), (2, r"Shape mismatch")):
+        pyro.set_rng_seed(0)
+        with pyro.validation_enabled(False), pytest.warns(UserWarning, match=match):
+            loss = IWAE(num_particles=k, max_plate_nesting=0).loss(model, guide)
+        pyro.set_rng_seed(0)
+        expected = IWAE(num_particles=k, vectorize_particles=False).loss(event_model, event_model)
+        assert loss == pytest.approx(expected, rel=1e-12)
 
 
 def test_enumerated_site_raises():

@@ -209,5 +209,9 @@ def test_bad_num_particles(num_particles):
 def test_bad_estimator_and_vectorize():
     with pytest.raises(ValueError, match=r"gradient_estimator.*reparam.*stl.*dreg"):
         IWAE(gradient_estimator="vimco")
-    with pytest.raises(ValueError, match="vectorize_particles"):
-        IWAE(vectorize_particles=False)
+    with pytest.raises(ValueError, match=r"vectorize_particles in \(None, True, False\)"):
+        IWAE(vectorize_particles="yes")
+    with pytest.raises(ValueError, match=r"global_latents in \('nested', 'error'\)"):
+        IWAE(global_latents="energy")
+    with pytest.raises(ValueError, match=r"global_latents in \('energy', 'nested', 'error'\)"):
+        BlackBoxAlpha(0.5, global_latents="tied")

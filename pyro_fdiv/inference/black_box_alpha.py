@@ -7,7 +7,7 @@ import numbers
 
 import torch
 
-from pyro_fdiv.inference.importance import log_mean_exp
+from pyro_fdiv.inference.importance import LogWeights, log_mean_exp, non_reparam_sites
 from pyro_fdiv.inference.objective import ImportanceObjective
 
 __all__ = ["BlackBoxAlpha", "renyi_log_mean_exp"]
@@ -56,6 +56,28 @@ class BlackBoxAlpha(ImportanceObjective):
     Guide sites that cannot be reparameterized get score-function terms with VIMCO's
     leave-one-out baseline.
 
+    **Global latents under subsampling** (``global_latents="energy"``, the default). With
+    global latents :math:`\theta` outside a subsampled data plate, the energy is the
+    black-box :math:`\alpha` energy with tied factors [1] in the form Li & Gal use for
+    Bayesian neural networks [2]:
+
+    .. math::
+
+        E_\alpha = \mathrm{KL}\big(q(\theta)\,\|\,p(\theta)\big)
+            - \frac{1}{\alpha} \sum_{n=1}^N \log \mathbb{E}_{q(\theta)}
+            \big[p(x_n \mid \theta)^\alpha\big],
+
+    a sum over data points, so a minibatch estimates it without bias (given the particles) with
+    the ordinary :math:`N/B` scale outside the logs:
+    :math:`\hat E_\alpha = \frac{1}{K}\sum_k \log\frac{q(\theta_k)}{p(\theta_k)}
+    - \frac{N}{B}\sum_{n \in \text{batch}} \frac{1}{\alpha}
+    \log\frac{1}{K}\sum_k w_{n,k}^\alpha`, where :math:`w_{n,k} = p(x_n \mid \theta_k)`,
+    or :math:`p(x_n, z_{n,k} \mid \theta_k) / q(z_{n,k} \mid x_n, \theta_k)` with local
+    latents (one draw per particle). :math:`\alpha \to 0` is the negative ELBO exactly. Its
+    guide sites must be reparameterizable. ``global_latents="nested"`` uses the nested bound of
+    :class:`~pyro_fdiv.inference.ImportanceObjective` reduced by this energy instead, and
+    ``"error"`` refuses such models.
+
     Example::
 
         svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}),
@@ -93,6 +115,26 @@ class BlackBoxAlpha(ImportanceObjective):
         self.alpha = float(alpha)
         super().__init__(num_particles=num_particles, check_finite=check_finite, **elbo_kwargs)
 
+    GLOBAL_ESTIMATORS = ("energy", "nested", "error")
+
     def bound(self, log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:
         r""":math:`-E_\alpha = \frac{1}{\alpha}\log\frac{1}{K}\sum_k w_k^\alpha` along ``dim``."""
         return renyi_log_mean_exp(log_w, self.alpha, dim)
+
+    def _global_total(self, weights: LogWeights, differentiable: bool) -> torch.Tensor:
+        r""":math:`-\hat E_\alpha` with tied factors (see the class docstring)."""
+        if self.global_latents != "energy":
+            return super()._global_total(weights, differentiable)
+        if differentiable and (weights.score is not None or weights.global_score is not None):
+            raise ValueError(
+                "BlackBoxAlpha(global_latents='energy') needs reparameterizable guide sites, "
+                f"but {non_reparam_sites(weights.guide_trace)} cannot be reparameterized. Use "
+                "global_latents='nested' (score-function terms with a VIMCO baseline)."
+            )
+        neg_kl = weights.global_log_w.mean(0)
+        return neg_kl + self.bound(weights.log_w).sum() * weights.scale
+
+    def _global_note(self) -> str:
+        if self.global_latents != "energy":
+            return super()._global_note()
+        return "The energy's minibatch estimate is unbiased in the sum over data points."

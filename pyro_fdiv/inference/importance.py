@@ -17,6 +17,7 @@ chain states); see ``docs/adding_an_objective.md``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, NoReturn
@@ -28,13 +29,16 @@ from pyro import poutine
 from pyro.distributions import Delta, Independent
 from pyro.distributions.util import is_identically_one, scale_and_mask
 from pyro.infer.util import is_validation_enabled
+from pyro.poutine.guide import GuideMessenger
 from pyro.poutine.indep_messenger import CondIndepStackFrame
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_model_guide_match, check_site_shape
 from torch.distributions.utils import broadcast_all
 
-from pyro_fdiv.util import check_flag, rng_preserved
+from pyro_fdiv.inference import particles
+from pyro_fdiv.inference.particles import ParticleShapeError, SiteRuntimeError
+from pyro_fdiv.util import check_flag, check_integer, rng_preserved
 
 __all__ = [
     "NON_FINITE_ADVICE",
@@ -45,10 +49,12 @@ __all__ = [
     "checked_value",
     "get_log_weights",
     "guess_max_plate_nesting",
+    "guide_messenger",
     "importance_trace",
     "log_mean_exp",
     "log_weights_from_traces",
     "non_finite_sites",
+    "non_reparam_sites",
     "raise_non_finite",
     "reparam_roots",
     "sample_sites",
@@ -88,6 +94,18 @@ class LogWeights(NamedTuple):
     :ivar dict guide_terms: the same for the guide's ``log q`` (empty without ``guide_density``);
         ``log_w`` is ``sum(model_terms) - sum(guide_terms)``.
     :ivar int max_plate_nesting: the plates' bound the traces ran with.
+    :ivar torch.Tensor global_log_w: with ``split_global`` and global latents outside a
+        subsampled plate, the global sites' ``log p(θ_k) - log q(θ_k)`` of shape ``(K,)``
+        (``log_w`` then holds the local sites' terms, per data point); ``None`` otherwise.
+    :ivar torch.Tensor global_score: the global sites' part of ``score`` (``None`` when they
+        are all reparameterized or there are none).
+    :ivar bool vectorized: the particles ran as one tensor dimension (``False``: one after
+        another, see ``vectorize_particles``).
+    :ivar bool particle_plate: the traces ran inside a particle plate (``False`` with one
+        particle per run: dims left of the plates are then summed into the weight).
+    :ivar tuple particle_traces: on the sequential path, ``(model_trace, guide_trace)`` of
+        each particle (``model_trace``/``guide_trace`` are the first particle's); empty when
+        vectorized.
     """
 
     log_w: torch.Tensor
@@ -99,16 +117,23 @@ class LogWeights(NamedTuple):
     model_terms: Mapping[str, torch.Tensor] = {}
     guide_terms: Mapping[str, torch.Tensor] = {}
     max_plate_nesting: int = 0
+    global_log_w: torch.Tensor | None = None
+    global_score: torch.Tensor | None = None
+    vectorized: bool = True
+    particle_traces: tuple[tuple[Trace, Trace], ...] = ()
+    particle_plate: bool = True
 
     def reduce(self, log_p: torch.Tensor, site: dict, name: str) -> torch.Tensor:
         """Any per-site log-density ``log_p`` (of the site's batch shape, e.g. a log-Jacobian)
         masked, scaled and reduced to ``(K,) + batch_shape`` exactly like the site's own term."""
-        return _term(log_p, site, name, self.plates, self.max_plate_nesting)
+        return _term(log_p, site, name, self.plates, self.max_plate_nesting, self.particle_plate)
 
 
-def _particle_plate(fn: Callable, num_particles: int, max_plate_nesting: int) -> Callable:
+def _particle_plate(
+    fn: Callable, num_particles: int, max_plate_nesting: int, force: bool = False
+) -> Callable:
     # One particle needs no plate (as in Pyro's ELBOs): the weights get a leading dim of 1.
-    if num_particles == 1:
+    if num_particles == 1 and not force:
         return fn
     return pyro.plate(PARTICLE_PLATE, num_particles, dim=-max_plate_nesting - 1)(fn)
 
@@ -124,7 +149,11 @@ def sample_sites(trace: Trace) -> dict[str, dict]:
 
 def vectorized_frames(site: dict) -> list[CondIndepStackFrame]:
     """The vectorized plates of a site, the particle plate left out, outermost first."""
-    return [f for f in site["cond_indep_stack"] if f.vectorized and f.name != PARTICLE_PLATE]
+    return [
+        f
+        for f in site["cond_indep_stack"]
+        if f.vectorized and f.name not in (PARTICLE_PLATE, particles.LOCAL_PLATE)
+    ]
 
 
 def _check_sites(model_sites: dict, guide_sites: dict) -> None:
@@ -145,21 +174,47 @@ def _check_sites(model_sites: dict, guide_sites: dict) -> None:
             )
 
 
-def _shared_plates(sites: dict[str, dict]) -> tuple[CondIndepStackFrame, ...]:
-    """The vectorized plates that every sample site shares (``sites`` named for errors)."""
+def _shared_plates(
+    sites: dict[str, dict], split_global: bool = False
+) -> tuple[tuple[CondIndepStackFrame, ...], frozenset[str]]:
+    """The vectorized plates that every sample site shares (``sites`` named for errors), and
+    the sites outside a subsampled plate that not every site shares: empty unless
+    ``split_global``, which keeps the plates shared by the other (local) sites instead of
+    raising."""
     stacks = [set(vectorized_frames(site)) for site in sites.values()]
     shared = set.intersection(*stacks) if stacks else set()
-    for frame in set.union(set(), *stacks) - shared:
-        if frame.full_size is not None and frame.full_size > frame.size:
-            outside = [n for n, s in zip(sites, stacks, strict=True) if frame not in s]
-            raise ValueError(
-                f"plate '{frame.name}' is subsampled ({frame.size} of {frame.full_size}) but "
-                f"sites [{', '.join(outside)}] are outside it. Per-data-point importance weights "
-                "need the subsampled plate to enclose every sample site of the model and "
-                "guide (a data plate around the whole model); subsample only such a plate, or "
-                "move the global latents' inference to a separate objective."
-            )
-    return tuple(sorted(shared, key=lambda f: f.dim))
+    subsampled = {
+        frame
+        for frame in set.union(set(), *stacks) - shared
+        if frame.full_size is not None and frame.full_size > frame.size
+    }
+    if not subsampled:
+        return tuple(sorted(shared, key=lambda f: f.dim)), frozenset()
+    frame = min(subsampled, key=lambda f: (f.dim, f.name))
+    outside = [n for n, s in zip(sites, stacks, strict=True) if frame not in s]
+    if not split_global:
+        raise ValueError(
+            f"plate '{frame.name}' is subsampled ({frame.size} of {frame.full_size}) but "
+            f"sites [{', '.join(outside)}] are outside it. Per-data-point importance weights "
+            "need the subsampled plate to enclose every sample site of the model and "
+            "guide (a data plate around the whole model); subsample only such a plate, use "
+            "a global-latent estimator (IWAE(global_latents='nested'), "
+            "BlackBoxAlpha(global_latents='energy')), or move the global latents' inference "
+            "to a separate objective."
+        )
+    local = [s for s in stacks if subsampled <= s]
+    partial = [
+        n for n, s in zip(sites, stacks, strict=True) if s & subsampled and not subsampled <= s
+    ]
+    if partial:
+        raise ValueError(
+            f"sites [{', '.join(partial)}] are inside some but not all of the subsampled plates "
+            f"{sorted(f.name for f in subsampled)}; the global-latent estimator needs each "
+            "site either inside every subsampled plate (local) or outside all of them (global)."
+        )
+    kept = set.intersection(*local)
+    global_names = frozenset(n for n, s in zip(sites, stacks, strict=True) if not s & subsampled)
+    return tuple(sorted(kept, key=lambda f: f.dim)), global_names
 
 
 def _named_plates(sites: dict[str, dict], names: Sequence[str]) -> tuple[CondIndepStackFrame, ...]:
@@ -223,22 +278,30 @@ def _reduce(
     keep_dims: tuple[int, ...],
     out_dims: tuple[int, ...],
     max_plate_nesting: int,
+    particle_plate: bool = True,
+    leading: int = 1,
 ) -> torch.Tensor:
     """Sum a site's log-density over everything but the particle dim and ``keep_dims``, then
-    lay it out as ``(K,)`` and the sizes at ``out_dims`` (1 where not kept)."""
-    ndim = max_plate_nesting + 1
+    lay it out as ``(K,)`` and the sizes at ``out_dims`` (1 where not kept); ``(L, K)`` first
+    with ``leading=2`` (a local site with local particles). Without a particle plate (one
+    particle), dims left of the plates are batch dims outside any plate: summed into the
+    particle's weight, as ``Trace_ELBO`` sums them."""
+    ndim = max_plate_nesting + leading
+    if not particle_plate and log_p.dim() > max_plate_nesting:
+        log_p = log_p.sum(tuple(range(log_p.dim() - max_plate_nesting))).unsqueeze(0)
     if log_p.dim() > ndim:
-        raise ValueError(
+        raise ParticleShapeError(
+            name,
             f"Site '{name}' has log_prob shape {tuple(log_p.shape)}, with batch dims left of the "
             f"particle plate (max_plate_nesting={max_plate_nesting}). Declare event dims with "
-            ".to_event(...), put batch dims in a pyro.plate, or raise max_plate_nesting."
+            ".to_event(...), put batch dims in a pyro.plate, or raise max_plate_nesting.",
         )
     if log_p.dim() < ndim:
         log_p = log_p.reshape((1,) * (ndim - log_p.dim()) + log_p.shape)
     sum_dims = [d for d in range(-max_plate_nesting, 0) if d not in keep_dims]
     if sum_dims:
         log_p = log_p.sum(sum_dims, keepdim=True)
-    return log_p.reshape((log_p.shape[0], *tuple(log_p.shape[d] for d in out_dims)))
+    return log_p.reshape((*log_p.shape[:leading], *tuple(log_p.shape[d] for d in out_dims)))
 
 
 def _term(
@@ -247,6 +310,8 @@ def _term(
     name: str,
     plates: tuple[CondIndepStackFrame, ...],
     max_plate_nesting: int,
+    particle_plate: bool = True,
+    leading: int = 1,
 ) -> torch.Tensor:
     """A site's ``log_p`` masked and scaled, the subsample scale of the kept plates it is in
     divided out, reduced to ``(K,) + batch_shape``; summed over kept plates it is outside of
@@ -255,7 +320,8 @@ def _term(
     kept = tuple(f for f in plates if f.name in inside)
     log_p = _scaled(log_p, site, _subsample_scale(kept))
     out_dims = tuple(f.dim for f in plates)
-    return _reduce(log_p, name, tuple(f.dim for f in kept), out_dims, max_plate_nesting)
+    keep_dims = tuple(f.dim for f in kept)
+    return _reduce(log_p, name, keep_dims, out_dims, max_plate_nesting, particle_plate, leading)
 
 
 class SiteError(ValueError):
@@ -266,6 +332,7 @@ class SiteError(ValueError):
     def __init__(self, error: Exception, kind: str, name: str, fn: Any) -> None:
         super().__init__(str(error))
         self.kind, self.name, self.fn_name = kind, name, type(fn).__name__
+        self.where = f"at {kind} site '{name}'"
 
 
 def _site_terms(
@@ -273,6 +340,8 @@ def _site_terms(
     plates: tuple[CondIndepStackFrame, ...],
     max_plate_nesting: int,
     kind: str,
+    particle_plate: bool = True,
+    leading: int = 1,
 ) -> dict[str, torch.Tensor]:
     terms = {}
     for name, site in sites.items():
@@ -280,15 +349,49 @@ def _site_terms(
             log_p = _log_prob(site["fn"], site["value"], site["args"], site["kwargs"])
         except (ValueError, NotImplementedError) as error:
             raise SiteError(error, kind, name, site["fn"]) from error
-        terms[name] = _term(log_p, site, name, plates, max_plate_nesting)
+        except RuntimeError as error:  # e.g. shapes that do not broadcast: name the site
+            raise SiteRuntimeError(error, kind, name) from error
+        terms[name] = _term(log_p, site, name, plates, max_plate_nesting, particle_plate, leading)
     return terms
 
 
-def _traces(model, guide, args, kwargs, guide_handler, model_handler) -> tuple[Trace, Trace]:
-    """Guide first, then the model replaying it (the model alone when ``guide`` is None)."""
+def guide_messenger(guide: Callable | None) -> GuideMessenger | None:
+    """The :class:`~pyro.poutine.guide.GuideMessenger` behind ``guide`` (e.g.
+    ``AutoNormalMessenger``), or ``None`` for an ordinary callable guide."""
+    unwrapped = poutine.unwrap(guide) if guide is not None else None
+    return unwrapped if isinstance(unwrapped, GuideMessenger) else None
+
+
+def _messenger_traces(messenger: GuideMessenger) -> tuple[Trace, Trace]:
+    """:meth:`GuideMessenger.get_traces` keeping the plates' subsample sites (to replay)."""
+    model_trace, guide_trace = messenger.trace.copy(), messenger.trace.copy()
+    for name, site in messenger.trace.nodes.items():
+        if site_is_subsample(site):
+            continue
+        if site["type"] != "sample" or site["is_observed"]:
+            del guide_trace.nodes[name]
+        else:
+            model_trace.nodes[name] = {**site, "fn": site["infer"]["prior"]}
+    return model_trace, guide_trace
+
+
+def _traces(
+    model, guide, args, kwargs, guide_handler, model_handler, messenger=None
+) -> tuple[Trace, Trace]:
+    """Guide first, then the model replaying it (the model alone when ``guide`` is None); a
+    ``GuideMessenger`` guide runs the model itself, as Pyro's ``get_importance_trace`` does."""
     guide_trace = Trace()
     if guide is not None:
         guide = guide if guide_handler is None else guide_handler(guide)
+        if messenger is not None:
+            if model_handler is not None:
+                raise ValueError(
+                    f"{type(messenger).__name__} is a GuideMessenger: it runs the model inside "
+                    "itself, so this objective cannot wrap the model separately. Use a callable "
+                    "guide (e.g. the matching AutoGuide: AutoNormal for AutoNormalMessenger)."
+                )
+            guide(*args, **kwargs)
+            return _messenger_traces(messenger)
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model = poutine.replay(model, trace=guide_trace)
     model = model if model_handler is None else model_handler(model)
@@ -308,6 +411,10 @@ def importance_trace(
     detach_guide: bool = False,
     guide_handler: Handler | None = None,
     model_handler: Handler | None = None,
+    vectorize_particles: bool | None = True,
+    split_global: bool = False,
+    num_local_particles: int = 1,
+    local_plates: Sequence[str] = (),
 ) -> LogWeights:
     r"""
     Run ``guide`` once with ``num_particles`` particles vectorized in a plate, replay ``model``
@@ -323,7 +430,9 @@ def importance_trace(
     subsample scale of those plates (NumPyro's ``RenyiELBO`` rule: divide it out before any
     log-mean-exp, apply it to the bound afterwards). A model with only global latents gets one
     weight per particle. All particles share one subsample: the guide draws it, the model
-    replays it. With Pyro's validation on, the model/guide match is checked here.
+    replays it. With Pyro's validation on, the model/guide match is checked here. A
+    :class:`~pyro.poutine.guide.GuideMessenger` guide (``AutoNormalMessenger``, ...) runs the
+    model itself and gives both traces. An empty model and guide weigh ``log w = 0``.
 
     :param model: the model; its latent sites take the guide's values.
     :param guide: the proposal; ``None`` draws the latents from the model's prior, and the log
@@ -344,14 +453,95 @@ def importance_trace(
         messenger, which sets the guide's latent values to the chains' states).
     :param model_handler: a Pyro handler around the replayed model (e.g. ``poutine.replay``
         of a subsample for a prior draw, or a messenger pinning subsamples).
+    :param vectorize_particles: ``True`` (default): the particles are one tensor dimension, so
+        model and guide must broadcast over it. ``False``: the ``K`` particles run one after
+        another, each with one particle and no particle plate, all on the minibatch the first
+        one drew (its subsample sites are replayed), and their weights are stacked into the
+        same ``(K,) + batch_shape`` tensor, so every bound is unchanged. ``None``: vectorized,
+        unless that run fails (an exception inside the model or guide, or a site with batch
+        dims left of the particle plate): then sequential, with one warning naming the site and
+        the reason (:attr:`LogWeights.vectorized` says which ran; objectives keep the choice).
+    :param bool split_global: where a subsampled plate does not enclose every site, keep the
+        plates the other (local) sites share and return the outside (global) sites' terms in
+        :attr:`LogWeights.global_log_w` instead of raising (the global-latent estimators of
+        :class:`~pyro_fdiv.inference.IWAE` and :class:`~pyro_fdiv.inference.BlackBoxAlpha`).
+    :param int num_local_particles: ``L`` draws of the local latents per particle: every site
+        inside all of ``local_plates`` (the subsampled data plates) gets a plate of size ``L``
+        left of the particle plate, and the local log weights are
+        :math:`\log \frac{1}{L}\sum_l w_{l,k,i}` (the nested bound's inner mean; its local
+        ``model_terms``/``guide_terms`` keep the ``L`` dim in front). Reparameterized local guide
+        sites only, no ``detach_guide``.
+    :param local_plates: the plates that make a site local, with ``num_local_particles``.
     :raises ValueError: for subsampling in a plate that not every site shares (default
-        ``keep_plates``), a latent model site missing from the guide, enumerated sites, or batch
-        dims outside the plates.
+        ``keep_plates``, without ``split_global``), a latent model site missing from the guide,
+        enumerated sites, or batch dims outside the plates.
     """
-    model = _particle_plate(model, num_particles, max_plate_nesting)
+    options = dict(
+        max_plate_nesting=max_plate_nesting,
+        keep_plates=keep_plates,
+        guide_density=guide_density,
+        detach_guide=detach_guide,
+        guide_handler=guide_handler,
+        model_handler=model_handler,
+        split_global=split_global,
+        num_local_particles=check_integer("num_local_particles", num_local_particles, 1),
+        local_plates=tuple(local_plates),
+    )
+    if not (vectorize_particles is None or isinstance(vectorize_particles, bool)):
+        raise ValueError(
+            f"Expected vectorize_particles in (True, False, None), actual {vectorize_particles!r}"
+        )
+    run = functools.partial(_vectorized, model, guide, args, kwargs, **options)
+    if num_particles == 1 or vectorize_particles is True:
+        return run(num_particles=num_particles)
+    sequential = functools.partial(
+        particles.sequential,
+        run,
+        num_particles,
+        guide_handler,
+        model_handler,
+        pin_model=guide_messenger(guide) is None,
+    )
+    if vectorize_particles is False:
+        return sequential()
+    return particles.vectorized_or_sequential(run, sequential, num_particles)
+
+
+def _vectorized(
+    model,
+    guide,
+    args,
+    kwargs,
+    *,
+    num_particles,
+    max_plate_nesting,
+    keep_plates,
+    guide_density,
+    detach_guide,
+    guide_handler,
+    model_handler,
+    split_global,
+    num_local_particles,
+    local_plates,
+) -> LogWeights:
+    messenger = guide_messenger(guide)
+    local = num_local_particles > 1
+    if local:
+        if detach_guide:
+            raise ValueError(
+                "num_local_particles > 1 needs gradient_estimator='reparam' (the STL and DReG "
+                "corrections are per particle); use num_local_particles=1 with them."
+            )
+        add = particles.LocalParticles(num_local_particles, -max_plate_nesting - 2, local_plates)
+        guide_handler = _then(guide_handler, add)
+        if messenger is None:
+            model_handler = _then(model_handler, add)
+    model = _particle_plate(model, num_particles, max_plate_nesting, force=local)
     if guide is not None:
-        guide = _particle_plate(guide, num_particles, max_plate_nesting)
-    model_trace, guide_trace = _traces(model, guide, args, kwargs, guide_handler, model_handler)
+        guide = _particle_plate(guide, num_particles, max_plate_nesting, force=local)
+    model_trace, guide_trace = _traces(
+        model, guide, args, kwargs, guide_handler, model_handler, messenger
+    )
     weights = _score(
         model_trace,
         guide_trace,
@@ -359,10 +549,27 @@ def importance_trace(
         keep_plates=keep_plates,
         guide_density=guide_density,
         prior_proposal=guide is None,
+        split_global=split_global,
+        particle_plate=num_particles > 1 or local,
+        local_particles=local,
     )
     if detach_guide:
-        log_q_bar = _detached_guide_log_prob(guide, weights, args, kwargs)
-        weights = weights._replace(log_w=weights.log_w + (log_q_bar - log_q_bar.detach()))
+        weights = _detach_guide(guide, weights, args, kwargs, messenger)
+    return weights
+
+
+def _then(handler: Handler | None, outer: Handler) -> Handler:
+    """``handler`` (if any), then ``outer`` around it."""
+    return outer if handler is None else lambda fn: outer(handler(fn))
+
+
+def _detach_guide(guide, weights: LogWeights, args, kwargs, messenger) -> LogWeights:
+    r"""Add :math:`\log q_\phi(\bar z) - \mathrm{sg}(\cdot)` (zero-valued) to the weights."""
+    log_q_bar, global_q_bar = _detached_guide_log_prob(guide, weights, args, kwargs, messenger)
+    weights = weights._replace(log_w=weights.log_w + (log_q_bar - log_q_bar.detach()))
+    if weights.global_log_w is not None:
+        global_log_w = weights.global_log_w + (global_q_bar - global_q_bar.detach())
+        weights = weights._replace(global_log_w=global_log_w)
     return weights
 
 
@@ -374,6 +581,9 @@ def _score(
     keep_plates: Sequence[str] | None = None,
     guide_density: bool = True,
     prior_proposal: bool = False,
+    split_global: bool = False,
+    particle_plate: bool = True,
+    local_particles: bool = False,
 ) -> LogWeights:
     model_sites, guide_sites = sample_sites(model_trace), sample_sites(guide_trace)
     if not prior_proposal:
@@ -385,27 +595,43 @@ def _score(
         scored = {n: s for n, s in guide_sites.items() if not s["infer"].get("is_auxiliary")}
     named = {f"model site '{n}'": s for n, s in model_sites.items()}
     named.update({f"guide site '{n}'": s for n, s in scored.items()})
+    global_names: frozenset[str] = frozenset()
     if keep_plates is None:
-        plates = _shared_plates(named)
+        plates, global_names = _shared_plates(named, split_global)
     else:
         plates = _named_plates(named, keep_plates)
-    model_terms = _site_terms(model_sites, plates, max_plate_nesting, "model")
-    guide_terms = {}
-    if guide_density:
-        guide_terms = _site_terms(guide_sites, plates, max_plate_nesting, "guide")
 
-    log_w, score = 0.0, None
+    def is_global(kind: str, name: str) -> bool:
+        return f"{kind} site '{name}'" in global_names
+
+    def terms(sites: dict[str, dict], kind: str) -> dict[str, torch.Tensor]:
+        local = {n: s for n, s in sites.items() if not is_global(kind, n)}
+        glob = {n: s for n, s in sites.items() if is_global(kind, n)}
+        leading = 2 if local_particles else 1
+        return {
+            **_site_terms(local, plates, max_plate_nesting, kind, particle_plate, leading),
+            # every plate summed: (K,)
+            **_site_terms(glob, (), max_plate_nesting, kind, particle_plate),
+        }
+
+    model_terms = terms(model_sites, "model")
+    guide_terms = terms(guide_sites, "guide") if guide_density else {}
+
+    parts: dict[bool, list] = {False: [0.0, None], True: [0.0, None]}  # [log_w, score]
     for name, term in model_terms.items():
         if not prior_proposal or model_sites[name]["is_observed"]:
-            log_w = log_w + term
+            parts[is_global("model", name)][0] = parts[is_global("model", name)][0] + term
     for name, term in guide_terms.items():
-        log_w = log_w - term
+        part = parts[is_global("guide", name)]
+        part[0] = part[0] - term
         if not guide_sites[name]["fn"].has_rsample:
-            score = term if score is None else score + term
+            part[1] = term if part[1] is None else part[1] + term
+    (log_w, score), (global_log_w, global_score) = parts[False], parts[True]
+    if local_particles:
+        log_w, score = _local_mean(log_w, score, guide_sites, is_global)
     if not isinstance(log_w, torch.Tensor):
-        if not model_terms:
-            raise ValueError("The model and guide have no sample sites: nothing to weight.")
-        log_w = torch.zeros_like(next(iter(model_terms.values())))
+        # no local term (e.g. an empty model and guide: the weight is 1, as Trace_ELBO's 0)
+        log_w = _zeros(model_terms, guide_terms, len(plates), max_plate_nesting)
     return LogWeights(
         log_w,
         score,
@@ -416,28 +642,69 @@ def _score(
         model_terms,
         guide_terms,
         max_plate_nesting,
+        global_log_w if global_names else None,
+        global_score,
+        particle_plate=particle_plate,
     )
 
 
+def _local_mean(log_w, score, guide_sites, is_global) -> tuple[torch.Tensor, None]:
+    """The local log weights of ``L`` local particles, ``(L, K) + batch_shape``, reduced to
+    each particle's :math:`\\log \frac{1}{L} \\sum_l w_{l,k,i}`."""
+    if score is not None:
+        names = [n for n, s in guide_sites.items() if not is_global("guide", n)]
+        raise ValueError(
+            "num_local_particles > 1 needs reparameterizable local guide sites, but "
+            f"{[n for n in names if not guide_sites[n]['fn'].has_rsample]} cannot be "
+            "reparameterized. Use num_local_particles=1."
+        )
+    return log_mean_exp(log_w, 0), None
+
+
+def _zeros(model_terms, guide_terms, num_plates: int, max_plate_nesting: int) -> torch.Tensor:
+    """Zero log weights shaped like the terms (one particle and no plate when there are none)."""
+    for term in (*model_terms.values(), *guide_terms.values()):
+        return torch.zeros_like(term)
+    return torch.zeros((1,) + (1,) * num_plates)
+
+
 def _detached_guide_log_prob(
-    guide: Callable, weights: LogWeights, args: tuple, kwargs: Mapping[str, Any]
-) -> torch.Tensor:
-    r""":math:`\log q_\phi(\bar z)` reduced like ``log_w``: ``guide`` (already in its particle
-    plate) re-run at the detached values of ``weights.guide_trace``. Its gradient is the
-    guide's direct (score) dependence on :math:`\phi` with every sampled value held fixed, for
-    any guide (``pyro.param``, ``pyro.module``, autoguides, flows, hierarchical guides)."""
+    guide: Callable,
+    weights: LogWeights,
+    args: tuple,
+    kwargs: Mapping[str, Any],
+    messenger: GuideMessenger | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r""":math:`\log q_\phi(\bar z)` reduced like ``log_w`` (and, for global sites under
+    ``split_global``, like ``global_log_w``): ``guide`` (already in its particle plate) re-run
+    at the detached values of ``weights.guide_trace``. Its gradient is the guide's direct
+    (score) dependence on :math:`\phi` with every sampled value held fixed, for any guide
+    (``pyro.param``, ``pyro.module``, autoguides, flows, hierarchical guides, messengers)."""
     detached = Trace(graph_type=weights.guide_trace.graph_type)
     for name, site in weights.guide_trace.nodes.items():
         site = site.copy()
         if isinstance(site.get("value"), torch.Tensor):
             site["value"] = site["value"].detach()
         detached.add_node(name, **site)
-    rerun = poutine.trace(poutine.replay(guide, trace=detached)).get_trace(*args, **kwargs)
-    terms = _site_terms(sample_sites(rerun), weights.plates, weights.max_plate_nesting, "guide")
-    total = 0.0
-    for term in terms.values():
+    if messenger is None:
+        rerun = poutine.trace(poutine.replay(guide, trace=detached)).get_trace(*args, **kwargs)
+    else:
+        poutine.replay(guide, trace=detached)(*args, **kwargs)
+        rerun = _messenger_traces(messenger)[1]
+    subsampled = {f for f in weights.plates if f.full_size is not None and f.full_size > f.size}
+    sites = sample_sites(rerun)
+    glob = {}
+    if weights.global_log_w is not None:
+        glob = {n: s for n, s in sites.items() if not subsampled <= set(s["cond_indep_stack"])}
+    local = {n: s for n, s in sites.items() if n not in glob}
+    mpn = weights.max_plate_nesting
+    total, global_total = 0.0, 0.0
+    plate = weights.particle_plate
+    for term in _site_terms(local, weights.plates, mpn, "guide", plate).values():
         total = total + term
-    return total
+    for term in _site_terms(glob, (), mpn, "guide", plate).values():
+        global_total = global_total + term
+    return torch.as_tensor(total), torch.as_tensor(global_total)
 
 
 def get_log_weights(
@@ -482,7 +749,9 @@ def guess_max_plate_nesting(
     Pyro's validation on, each site's batch shape is checked against its plates.
     """
     with rng_preserved(), poutine.block():
-        model_trace, guide_trace = _traces(model, guide, args, kwargs, None, None)
+        model_trace, guide_trace = _traces(
+            model, guide, args, kwargs, None, None, guide_messenger(guide)
+        )
     sites = [
         site
         for trace in (model_trace, guide_trace)
@@ -512,6 +781,15 @@ def trace_signature(weights: LogWeights) -> tuple:
         for kind, trace in (("model", weights.model_trace), ("guide", weights.guide_trace))
         for name, site in sample_sites(trace).items()
     )
+
+
+def non_reparam_sites(guide_trace: Trace) -> list[str]:
+    """The guide's latent sample sites without ``rsample`` (plates' subsample sites excluded)."""
+    return [
+        name
+        for name, site in sample_sites(guide_trace).items()
+        if not site["fn"].has_rsample and not site["is_observed"]
+    ]
 
 
 def reparam_roots(guide_trace: Trace) -> dict[str, torch.Tensor]:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import torch
-from pyro.poutine.util import site_is_subsample
 
-from pyro_fdiv.inference.importance import LogWeights, log_mean_exp, reparam_roots
+from pyro_fdiv.inference.importance import (
+    LogWeights,
+    log_mean_exp,
+    non_reparam_sites,
+    reparam_roots,
+)
 from pyro_fdiv.inference.objective import ImportanceObjective
 
 __all__ = ["IWAE"]
@@ -114,7 +118,7 @@ class IWAE(ImportanceObjective):
         if weights.score is not None:
             raise ValueError(
                 f"gradient_estimator={self.gradient_estimator!r} needs reparameterized guide "
-                f"sites, but {_non_reparam_sites(weights)} cannot be reparameterized. "
+                f"sites, but {non_reparam_sites(weights.guide_trace)} cannot be reparameterized. "
                 "Use gradient_estimator='reparam' (score-function terms with a VIMCO baseline)."
             )
         if self.gradient_estimator == "stl":
@@ -124,16 +128,33 @@ class IWAE(ImportanceObjective):
         surrogate = (w_tilde * weights.log_w).sum(0)
         return self.bound(weights.log_w.detach()) + (surrogate - surrogate.detach())
 
+    def _global_total(self, weights: LogWeights, differentiable: bool) -> torch.Tensor:
+        if differentiable and self.gradient_estimator == "dreg" and weights.scale != 1.0:
+            raise ValueError(
+                "gradient_estimator='dreg' needs untempered log weights, but the global latents "
+                "sit outside a subsampled plate, whose N/B scale tempers the local weights in "
+                "the nested bound. Use gradient_estimator='reparam' or 'stl' there."
+            )
+        return super()._global_total(weights, differentiable)
+
     def _square_guide_weights(self, weights: LogWeights, w_tilde: torch.Tensor) -> None:
-        """Scale the gradient reaching each guide sample by its particle's weight once more."""
-        roots = reparam_roots(weights.guide_trace)
+        """Scale the gradient reaching each guide sample by its particle's weight once more
+        (on the sequential path, each particle's samples by its own weight)."""
+        if weights.vectorized:
+            self._square(weights.guide_trace, w_tilde, weights.plates)
+            return
+        for k, (_, guide_trace) in enumerate(weights.particle_traces):
+            self._square(guide_trace, w_tilde[k : k + 1], weights.plates)
+
+    def _square(self, guide_trace, w_tilde: torch.Tensor, plates) -> None:
+        roots = reparam_roots(guide_trace)
         key = tuple(roots)
         if key not in self._checked_roots:
             _check_independent(roots)
             self._checked_roots.add(key)
-        keep_dims = {f.dim for f in weights.plates}
+        keep_dims = {f.dim for f in plates}
         for name, value in roots.items():
-            event_dim = weights.guide_trace.nodes[name]["fn"].event_dim
+            event_dim = guide_trace.nodes[name]["fn"].event_dim
             shape = [w_tilde.shape[0]]
             shape += [1] * max(0, value.dim() - event_dim - 1 - self.max_plate_nesting)
             position = 1
@@ -144,18 +165,6 @@ class IWAE(ImportanceObjective):
             if factor.dim() > value.dim():  # one particle: no particle dim in the value
                 factor = factor.reshape(factor.shape[factor.dim() - value.dim() :])
             value.register_hook(lambda grad, factor=factor: grad * factor)
-
-
-def _non_reparam_sites(weights: LogWeights) -> list[str]:
-    """The guide's latent sample sites without ``rsample`` (plates' subsample sites excluded)."""
-    return [
-        name
-        for name, site in weights.guide_trace.nodes.items()
-        if site["type"] == "sample"
-        and not site_is_subsample(site)
-        and not site["fn"].has_rsample
-        and not site["is_observed"]
-    ]
 
 
 def _check_independent(roots: dict[str, torch.Tensor]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ __all__ = [
     "ImportanceObjective",
     "check_integer",
     "check_num_particles",
+    "nested_log_weights",
     "rng_preserved",
     "score_function_surrogate",
 ]
@@ -65,6 +67,31 @@ def score_function_surrogate(
     return term - term.detach()
 
 
+def nested_log_weights(
+    global_log_w: torch.Tensor, local_log_w: torch.Tensor, scale: float
+) -> torch.Tensor:
+    r"""One log weight per particle of the global latents:
+    :math:`\log p(\theta_k) - \log q(\theta_k) + s \sum_i \log w_{i,k}`, the local log
+    weights ``local_log_w`` (shape ``(K,) + batch_shape``) summed over the batch and scaled by
+    the subsample scale :math:`s = N/B`."""
+    local = local_log_w.reshape(local_log_w.shape[0], -1).sum(-1)
+    return global_log_w + (local * scale if scale != 1.0 else local)
+
+
+def _subsampled(frame) -> bool:
+    return frame.full_size is not None and frame.full_size > frame.size
+
+
+def _joint_score(weights: LogWeights) -> torch.Tensor | None:
+    """The score of each particle's global and local draws together (unscaled: it is the log
+    density of what was sampled)."""
+    parts = [weights.global_score]
+    if weights.score is not None:
+        parts.append(weights.score.reshape(weights.score.shape[0], -1).sum(-1))
+    parts = [p for p in parts if p is not None]
+    return sum(parts[1:], parts[0]) if parts else None
+
+
 class ImportanceObjective(ELBO):
     r"""
     Base class for objectives built on per-data-point log importance weights.
@@ -77,15 +104,53 @@ class ImportanceObjective(ELBO):
     estimator, usable through :meth:`~pyro.infer.elbo.ELBO.__call__` as a
     :class:`torch.nn.Module`) and :meth:`loss_and_grads` (for :class:`~pyro.infer.SVI`).
 
-    Particles are always vectorized in an outermost plate named ``num_particles_vectorized``,
-    so model and guide must have static structure and broadcast correctly.
+    Particles are vectorized in an outermost plate named ``num_particles_vectorized`` when the
+    model and guide broadcast over it, and run one after another on the same minibatch when
+    they do not (``vectorize_particles``); the bound is the same either way.
+
+    **Global latents under subsampling.** When a subsampled plate (a minibatch of ``B`` of
+    ``N`` data points) does not enclose every site, a per-data-point bound does not exist. The
+    default (``global_latents="nested"``) is the nested multi-sample bound: ``K`` particles of
+    the global latents :math:`\theta`, one draw of each data point's local latents per
+    particle,
+
+    .. math::
+
+        \mathcal{L} = \log \frac{1}{K} \sum_{k=1}^K \exp\Big[\log p(\theta_k)
+            - \log q(\theta_k) + \frac{N}{B} \sum_{i \in \text{batch}}
+            \log w_{i,k}\Big],
+        \qquad w_{i,k} = \frac{p(x_i, z_{i,k} \mid \theta_k)}{q(z_{i,k} \mid x_i, \theta_k)}.
+
+    With the whole data set (:math:`B = N`) it is the importance-weighted bound of the joint,
+    a lower bound on :math:`\log p(x)`; with :math:`B < N` the :math:`N/B` scale inside the
+    log-mean-exp makes it a consistent but biased estimate (Pyro's ``RenyiELBO`` does the same
+    for every model), and a warning says so once. ``global_latents="error"`` raises instead.
+    :class:`~pyro_fdiv.inference.BlackBoxAlpha` defaults to its own unbiased global-latent
+    energy. Models whose global latents are all outside every subsampled plate and whose local
+    latents are all inside it qualify; a model without global latents is unchanged.
 
     :param int num_particles: number of particles :math:`K` per data point.
     :param int max_plate_nesting: bound on the number of nested plates; guessed from one run of
         model and guide if omitted
         (:func:`~pyro_fdiv.inference.importance.guess_max_plate_nesting`, which leaves the
         random stream untouched).
-    :param bool vectorize_particles: accepted for compatibility with Pyro; must be ``True``.
+    :param vectorize_particles: ``None`` (default): vectorized, and if the first vectorized
+        step fails to broadcast (an exception inside the model or guide, or a site with batch
+        dims left of the particle plate), the particles run one after another from then on,
+        with one warning naming the site and the reason. ``True``: always vectorized (errors
+        are raised). ``False``: always one after another, each particle on the minibatch the
+        first one drew (Pyro's ``Trace_ELBO(vectorize_particles=False)`` and ``RenyiELBO`` let
+        each particle draw its own minibatch, which biases a multi-sample bound).
+    :param str global_latents: the estimator for global latents under subsampling:
+        ``"nested"`` (above) or ``"error"`` (a ``ValueError`` naming the plate and the sites
+        outside it); :class:`~pyro_fdiv.inference.BlackBoxAlpha` also has ``"energy"``.
+    :param int num_local_particles: ``L``, the draws of each data point's local latents per
+        particle of the global latents in the global-latent estimators: the local weight
+        :math:`w_{i,k}` above becomes :math:`\frac{1}{L}\sum_{l=1}^L w_{i,k,l}`, an unbiased
+        estimate of :math:`p(x_i \mid \theta_k)` that tightens the bound as ``L`` grows
+        (vectorized in a plate left of the particle plate; reparameterized local guide sites and
+        ``gradient_estimator="reparam"``). Models without global latents under subsampling
+        ignore it: their ``num_particles`` are already per data point.
     :param bool retain_graph: passed to ``backward`` in :meth:`loss_and_grads`.
     :param str validation: when Pyro's validation is enabled, ``"first"`` (default) validates
         distribution arguments, supports and the model/guide match on the first step and
@@ -100,15 +165,20 @@ class ImportanceObjective(ELBO):
         :meth:`differentiable_loss` never synchronizes with the device.
     """
 
+    #: The ``global_latents`` estimators this objective offers (the first is the default).
+    GLOBAL_ESTIMATORS: tuple[str, ...] = ("nested", "error")
+
     def __init__(
         self,
         num_particles: int = 1,
         max_plate_nesting: float = float("inf"),
-        vectorize_particles: bool = True,
+        vectorize_particles: bool | None = None,
         strict_enumeration_warning: bool = True,
         retain_graph: bool | None = None,
         validation: str = "first",
         check_finite: bool = True,
+        global_latents: str | None = None,
+        num_local_particles: int = 1,
     ):
         num_particles = check_num_particles(num_particles)
         self.check_finite = check_flag("check_finite", check_finite)
@@ -116,11 +186,22 @@ class ImportanceObjective(ELBO):
             raise ValueError(f"Expected validation in ('first', 'always'), actual {validation!r}")
         self.validation = validation
         self._validated: tuple | None = None
-        if vectorize_particles is not True:
+        if vectorize_particles is not None and not isinstance(vectorize_particles, bool):
             raise ValueError(
-                "Expected vectorize_particles=True (particles are always a tensor dimension in "
-                f"pyro_fdiv objectives), actual {vectorize_particles!r}"
+                "Expected vectorize_particles in (None, True, False), actual "
+                f"{vectorize_particles!r}"
             )
+        self._vectorize: bool | None = vectorize_particles
+        if global_latents is None:
+            global_latents = self.GLOBAL_ESTIMATORS[0]
+        if global_latents not in self.GLOBAL_ESTIMATORS:
+            raise ValueError(
+                f"Expected global_latents in {self.GLOBAL_ESTIMATORS}, actual {global_latents!r}"
+            )
+        self.global_latents = global_latents
+        self.num_local_particles = check_integer("num_local_particles", num_local_particles, 1)
+        self._local_plates: tuple[str, ...] | None = None
+        self._warned_global = False
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
@@ -142,6 +223,20 @@ class ImportanceObjective(ELBO):
     def _log_weights(self, model, guide, args, kwargs, differentiable: bool = False) -> LogWeights:
         if self.max_plate_nesting == float("inf"):
             self.max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
+        state = get_rng_state() if self._finding_local_plates() else None
+        weights = self._validated_run(model, guide, args, kwargs, differentiable)
+        if state is not None and weights.global_log_w is not None:
+            # L local particles: the plates that make a site local are known now; redraw
+            self._local_plates = tuple(f.name for f in weights.plates if _subsampled(f))
+            set_rng_state(state)
+            weights = self._validated_run(model, guide, args, kwargs, differentiable)
+        if self._vectorize is None and self.num_particles > 1:
+            self._vectorize = weights.vectorized  # decided on the first step, kept from then on
+        if weights.global_log_w is not None and weights.scale != 1.0:
+            self._warn_global(weights)
+        return weights
+
+    def _validated_run(self, model, guide, args, kwargs, differentiable: bool) -> LogWeights:
         run = functools.partial(
             importance_trace,
             model,
@@ -150,6 +245,10 @@ class ImportanceObjective(ELBO):
             kwargs,
             num_particles=self.num_particles,
             max_plate_nesting=self.max_plate_nesting,
+            vectorize_particles=self._vectorize,
+            split_global=self.global_latents != "error",
+            num_local_particles=self.num_local_particles if self._local_plates else 1,
+            local_plates=self._local_plates or (),
             **self._trace_options(differentiable),
         )
         if self.validation == "always" or not is_validation_enabled():
@@ -167,6 +266,30 @@ class ImportanceObjective(ELBO):
         self._validated = trace_signature(weights)
         return weights
 
+    def _finding_local_plates(self) -> bool:
+        return self.num_local_particles > 1 and self._local_plates is None
+
+    def _warn_global(self, weights: LogWeights) -> None:
+        if self._warned_global:
+            return
+        self._warned_global = True
+        plates = [f for f in weights.plates if _subsampled(f)]
+        sizes = ", ".join(f"'{f.name}' ({f.size} of {f.full_size})" for f in plates)
+        warnings.warn(
+            f"{type(self).__name__}: global latent sites sit outside the subsampled plate "
+            f"{sizes}; the {self.global_latents!r} global-latent estimator is used. "
+            + self._global_note()
+            + " Pass global_latents='error' to refuse such models.",
+            UserWarning,
+            stacklevel=4,
+        )
+
+    def _global_note(self) -> str:
+        return (
+            "With a minibatch (B < N) the nested bound is a consistent but biased estimate of "
+            "log p(x) (exact as a lower bound only at B = N)."
+        )
+
     def _get_trace(self, model, guide, args, kwargs):
         """The model and guide traces of one vectorized run (Pyro's ``ELBO`` interface)."""
         weights = self._log_weights(model, guide, args, kwargs)
@@ -181,6 +304,27 @@ class ImportanceObjective(ELBO):
             )
         return surrogate
 
+    def _total(self, weights: LogWeights, differentiable: bool) -> torch.Tensor:
+        """The bound of the batch, scaled to the data set: a scalar whose gradient is the
+        estimator when ``differentiable``."""
+        if weights.global_log_w is not None:
+            return self._global_total(weights, differentiable)
+        per_point = self._surrogate(weights) if differentiable else self.bound(weights.log_w)
+        return per_point.sum() * weights.scale
+
+    def _global_total(self, weights: LogWeights, differentiable: bool) -> torch.Tensor:
+        """The nested bound: one weight per particle, ``log p(θ_k) - log q(θ_k)`` plus the
+        scaled sum of the batch's local log weights, reduced by :meth:`bound`."""
+        joint = weights._replace(
+            log_w=nested_log_weights(weights.global_log_w, weights.log_w, weights.scale),
+            score=_joint_score(weights),
+            global_log_w=None,
+            global_score=None,
+            scale=1.0,
+            plates=(),
+        )
+        return self._total(joint, differentiable)
+
     def _checked(self, loss: torch.Tensor, weights: LogWeights) -> float:
         return checked_value(loss, type(self).__name__, weights, check_finite=self.check_finite)
 
@@ -191,8 +335,7 @@ class ImportanceObjective(ELBO):
         :rtype: float
         """
         weights = self._log_weights(model, guide, args, kwargs)
-        loss = -self.bound(weights.log_w).sum() * weights.scale
-        return self._checked(loss, weights)
+        return self._checked(-self._total(weights, differentiable=False), weights)
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """
@@ -201,7 +344,7 @@ class ImportanceObjective(ELBO):
             ``check_finite``).
         """
         weights = self._log_weights(model, guide, args, kwargs, differentiable=True)
-        loss = -self._surrogate(weights).sum() * weights.scale
+        loss = -self._total(weights, differentiable=True)
         if self.check_finite:
             self._checked(loss.detach(), weights)
         return loss
@@ -214,7 +357,7 @@ class ImportanceObjective(ELBO):
             ``check_finite``).
         """
         weights = self._log_weights(model, guide, args, kwargs, differentiable=True)
-        loss = -self._surrogate(weights).sum() * weights.scale
+        loss = -self._total(weights, differentiable=True)
         value = self._checked(loss, weights)
         if loss.requires_grad:
             loss.backward(retain_graph=self.retain_graph)
