@@ -34,6 +34,13 @@ from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_model_guide_match, check_site_shape
 from torch.distributions.utils import broadcast_all
 
+from pyro_fdiv.inference.enumeration import (
+    check_enumeration,
+    enum_handler,
+    enumerated_terms,
+    is_enumerated,
+    split_enumerated,
+)
 from pyro_fdiv.util import check_flag, rng_preserved
 
 __all__ = [
@@ -84,7 +91,9 @@ class LogWeights(NamedTuple):
         replayed).
     :ivar dict model_terms: each model sample site's ``log p``, masked and scaled like the site,
         subsample scale divided out, reduced to ``(K,) + batch_shape`` (size 1 in a kept plate
-        that the site is outside of).
+        that the site is outside of). The model's enumerated sites and the sites whose ``log p``
+        depends on them are summed out together (``enumeration.enumerated_log_joint``): their
+        joint term is listed once, under the first enumerated site's name.
     :ivar dict guide_terms: the same for the guide's ``log q`` (empty without ``guide_density``);
         ``log_w`` is ``sum(model_terms) - sum(guide_terms)``.
     :ivar int max_plate_nesting: the plates' bound the traces ran with.
@@ -128,21 +137,15 @@ def vectorized_frames(site: dict) -> list[CondIndepStackFrame]:
 
 
 def _check_sites(model_sites: dict, guide_sites: dict) -> None:
+    check_enumeration(model_sites, guide_sites)
     for name, site in model_sites.items():
-        if site["is_observed"] or name in guide_sites:
+        if site["is_observed"] or name in guide_sites or is_enumerated(site):
             continue
         raise ValueError(
             f"Model sample site '{name}' is neither observed nor sampled by the guide. "
             "Importance weights need q(z) for every latent site: add a site named "
             f"'{name}' to the guide, or pass obs= to the model's site."
         )
-    for name, site in {**model_sites, **guide_sites}.items():
-        if site["infer"].get("enumerate"):
-            raise ValueError(
-                f"Site '{name}' is marked for enumeration (infer={site['infer']}); "
-                "pyro_fdiv objectives sample every latent site. Remove the 'enumerate' flag "
-                "or use pyro.infer.TraceEnum_ELBO."
-            )
 
 
 def _shared_plates(sites: dict[str, dict]) -> tuple[CondIndepStackFrame, ...]:
@@ -345,10 +348,13 @@ def importance_trace(
     :param model_handler: a Pyro handler around the replayed model (e.g. ``poutine.replay``
         of a subsample for a prior draw, or a messenger pinning subsamples).
     :raises ValueError: for subsampling in a plate that not every site shares (default
-        ``keep_plates``), a latent model site missing from the guide, enumerated sites, or batch
-        dims outside the plates.
+        ``keep_plates``), a latent model site missing from the guide, enumeration other than the
+        model's parallel enumeration (``enumeration.check_enumeration``), or batch dims outside
+        the plates.
     """
-    model = _particle_plate(model, num_particles, max_plate_nesting)
+    model = enum_handler(max_plate_nesting)(
+        _particle_plate(model, num_particles, max_plate_nesting)
+    )
     if guide is not None:
         guide = _particle_plate(guide, num_particles, max_plate_nesting)
     model_trace, guide_trace = _traces(model, guide, args, kwargs, guide_handler, model_handler)
@@ -389,7 +395,9 @@ def _score(
         plates = _shared_plates(named)
     else:
         plates = _named_plates(named, keep_plates)
-    model_terms = _site_terms(model_sites, plates, max_plate_nesting, "model")
+    plain, summed = split_enumerated(model_sites, max_plate_nesting, guided=not prior_proposal)
+    model_terms = _site_terms(plain, plates, max_plate_nesting, "model")
+    model_terms.update(enumerated_terms(model_trace, summed, plates, max_plate_nesting))
     guide_terms = {}
     if guide_density:
         guide_terms = _site_terms(guide_sites, plates, max_plate_nesting, "guide")
