@@ -7,7 +7,9 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
+from pyro.distributions.constraints import simplex
 from pyro.infer import SVI, TraceEnum_ELBO, config_enumerate
+from pyro.ops.indexing import Vindex
 
 from pyro_fdiv.inference import IWAE, BlackBoxAlpha, importance_trace
 from pyro_fdiv.inference.importance import log_mean_exp
@@ -85,6 +87,27 @@ def test_mixture_log_weights_closed_form(num_particles):
         assert sorted(draw.model_terms) == ["c", "mu"]
 
 
+def test_mixture_per_data_point_evidence_with_fixed_mu():
+    # mu fixed by a Delta guide, the data plate kept: the enumerated term of each data point is
+    # its exact log evidence log p(x_i | mu) = logsumexp_c log π_c + log N(x_i; l_c + mu, 1)
+    x = data()
+    draw = importance_trace(
+        mixture_model,
+        delta_guide,
+        (x,),
+        {},
+        num_particles=3,
+        max_plate_nesting=1,
+        keep_plates=["data"],
+    )
+    comp = dist.Normal(torch.tensor(LOCS) + 0.25, 1.0).log_prob(x[:, None])
+    evidence = torch.logsumexp(weights().log() + comp, -1)
+    assert draw.log_w.shape == draw.model_terms["c"].shape == (3, len(X))
+    assert torch.allclose(draw.model_terms["c"], evidence.expand(3, -1), rtol=0, atol=1e-10)
+    prior = dist.Normal(0.0, 1.0).log_prob(torch.tensor(0.25))  # global: size 1 in the plate
+    assert torch.allclose(draw.log_w, evidence + prior, rtol=0, atol=1e-10)
+
+
 # Local latents only: c_i ~ Cat(π) enumerated, z_i ~ N(loc_c, 1), x_i ~ N(z_i, 0.5)
 
 
@@ -159,7 +182,7 @@ def test_enumerated_equals_marginalized_model(estimator, subsample_size):
         assert torch.allclose(g_enum, g_marg, rtol=1e-10, atol=1e-12)
 
 
-# Models against TraceEnum_ELBO: one particle, the IWAE bound is its ELBO.
+# Models against TraceEnum_ELBO
 
 
 @config_enumerate
@@ -181,6 +204,24 @@ def hierarchical_guide(x):
     pyro.sample("shift", dist.Normal(pyro.param("s", torch.tensor(0.1)), 0.5))
 
 
+@config_enumerate
+def hmm_model(x):
+    """Sequences of a two-state hidden Markov chain (``pyro.markov``), state means global."""
+    trans = pyro.param("trans", torch.tensor([[0.8, 0.2], [0.3, 0.7]]), constraint=simplex)
+    locs = pyro.sample("locs", dist.Normal(torch.tensor(LOCS), 1.0).to_event(1))
+    with pyro.plate("seqs", x.shape[0], dim=-1):
+        state = 0
+        for t in pyro.markov(range(x.shape[1])):
+            state = pyro.sample(f"s_{t}", dist.Categorical(trans[state]))
+            pyro.sample(f"x_{t}", dist.Normal(Vindex(locs)[..., state], 1.0), obs=x[:, t])
+
+
+def hmm_guide(x):
+    loc = pyro.param("l", torch.tensor([-0.5, 1.5]))
+    pyro.sample("locs", dist.Normal(loc, 0.3).to_event(1))
+
+
+@pytest.mark.parametrize("num_particles", [1, 3])
 @pytest.mark.parametrize(
     "model,guide,subsample_size",
     [
@@ -188,19 +229,29 @@ def hierarchical_guide(x):
         (local_model, local_guide, None),
         (local_model, local_guide, 4),
         (hierarchical_model, hierarchical_guide, None),
+        (hmm_model, hmm_guide, None),
     ],
 )
-def test_one_particle_matches_trace_enum_elbo(model, guide, subsample_size):
-    x = data()
+def test_mean_log_weight_is_trace_enum_elbo(model, guide, subsample_size, num_particles):
+    # the particles' ELBO, the mean over k of sum_i log w_ki times the subsample scale, is
+    # TraceEnum_ELBO's estimate from the same draws (the same particle plate): value, gradient
+    x = data() if model is not hmm_model else data().reshape(2, 3)
     args = (x,) if subsample_size is None else (x, subsample_size)
-    values = []
-    for elbo in (IWAE(num_particles=1), TraceEnum_ELBO(max_plate_nesting=2)):
-        pyro.set_rng_seed(11)
-        values.append(elbo.differentiable_loss(model, guide, *args))
-    assert values[0].item() == pytest.approx(values[1].item(), rel=1e-12)
+    pyro.set_rng_seed(11)
+    draw = importance_trace(
+        model, guide, args, {}, num_particles=num_particles, max_plate_nesting=2
+    )
+    ours = -draw.log_w.mean(0).sum() * draw.scale
+    pyro.set_rng_seed(11)
+    elbo = TraceEnum_ELBO(
+        num_particles=num_particles, vectorize_particles=True, max_plate_nesting=2
+    )
+    theirs = elbo.differentiable_loss(model, guide, *args)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-12)
     params = [pyro.param(name).unconstrained() for name in pyro.get_param_store().keys()]
-    ours, theirs = (torch.autograd.grad(v, params) for v in values)
-    for g_ours, g_theirs in zip(ours, theirs, strict=True):
+    for g_ours, g_theirs in zip(
+        *(torch.autograd.grad(v, params) for v in (ours, theirs)), strict=True
+    ):
         assert torch.allclose(g_ours, g_theirs, rtol=1e-10, atol=1e-12)
 
 
@@ -365,3 +416,39 @@ def test_log_likelihood_estimate_per_data_point():
     exact = torch.logsumexp(weights().log() + comp, -1)
     assert estimate.shape == (len(X),)
     assert torch.allclose(estimate, exact.detach(), rtol=0, atol=0.05)  # measured: 0.015
+
+
+PYRO_ENUM = {
+    "pyro's poutine.enum": lambda mpn: poutine.enum(first_available_dim=-mpn - 2),
+    "no handler": lambda mpn: lambda fn: fn,
+}
+
+
+@pytest.mark.parametrize(
+    "model,guide,handler",
+    [
+        (marginal_model, local_guide, "no handler"),
+        (marginal_model, local_guide, "pyro's poutine.enum"),
+        (hierarchical_model, hierarchical_guide, "pyro's poutine.enum"),
+    ],
+)
+def test_enum_handler_is_bit_identical(monkeypatch, model, guide, handler):
+    # the model always runs under enumeration.enum_handler (Pyro's EnumMessenger, idle before
+    # the first enumerated site): the same numbers and random draws as Pyro's poutine.enum,
+    # and, for a model without enumerated sites, as no handler at all
+    import pyro_fdiv.inference.importance as importance
+
+    x = data()
+    results = []
+    for replace in (False, True):
+        if replace:
+            monkeypatch.setattr(importance, "enum_handler", PYRO_ENUM[handler])
+        objective = IWAE(num_particles=4, max_plate_nesting=2)
+        pyro.set_rng_seed(2)
+        value = objective.loss_and_grads(model, guide, x)
+        names = sorted(pyro.get_param_store().keys())
+        results.append((value, grads(*names), torch.rand(())))
+        zero_grads(*names)
+    (v0, g0, r0), (v1, g1, r1) = results
+    assert v0 == v1 and torch.equal(r0, r1)
+    assert all(torch.equal(a, b) for a, b in zip(g0, g1, strict=True))
