@@ -37,6 +37,13 @@ from pyro.util import check_model_guide_match, check_site_shape
 from torch.distributions.utils import broadcast_all
 
 from pyro_fdiv.inference import particles
+from pyro_fdiv.inference.enumeration import (
+    check_enumeration,
+    enum_handler,
+    enumerated_terms,
+    is_enumerated,
+    split_enumerated,
+)
 from pyro_fdiv.inference.particles import ParticleShapeError, SiteRuntimeError
 from pyro_fdiv.util import check_flag, check_integer, rng_preserved
 
@@ -90,7 +97,9 @@ class LogWeights(NamedTuple):
         replayed).
     :ivar dict model_terms: each model sample site's ``log p``, masked and scaled like the site,
         subsample scale divided out, reduced to ``(K,) + batch_shape`` (size 1 in a kept plate
-        that the site is outside of).
+        that the site is outside of). The model's enumerated sites and the sites whose ``log p``
+        depends on them are summed out together (``enumeration.enumerated_log_joint``): their
+        joint term is listed once, under the first enumerated site's name.
     :ivar dict guide_terms: the same for the guide's ``log q`` (empty without ``guide_density``);
         ``log_w`` is ``sum(model_terms) - sum(guide_terms)``.
     :ivar int max_plate_nesting: the plates' bound the traces ran with.
@@ -157,21 +166,15 @@ def vectorized_frames(site: dict) -> list[CondIndepStackFrame]:
 
 
 def _check_sites(model_sites: dict, guide_sites: dict) -> None:
+    check_enumeration(model_sites, guide_sites)
     for name, site in model_sites.items():
-        if site["is_observed"] or name in guide_sites:
+        if site["is_observed"] or name in guide_sites or is_enumerated(site):
             continue
         raise ValueError(
             f"Model sample site '{name}' is neither observed nor sampled by the guide. "
             "Importance weights need q(z) for every latent site: add a site named "
             f"'{name}' to the guide, or pass obs= to the model's site."
         )
-    for name, site in {**model_sites, **guide_sites}.items():
-        if site["infer"].get("enumerate"):
-            raise ValueError(
-                f"Site '{name}' is marked for enumeration (infer={site['infer']}); "
-                "pyro_fdiv objectives sample every latent site. Remove the 'enumerate' flag "
-                "or use pyro.infer.TraceEnum_ELBO."
-            )
 
 
 def _shared_plates(
@@ -474,7 +477,8 @@ def importance_trace(
     :param local_plates: the plates that make a site local, with ``num_local_particles``.
     :raises ValueError: for subsampling in a plate that not every site shares (default
         ``keep_plates``, without ``split_global``), a latent model site missing from the guide,
-        enumerated sites, or batch dims outside the plates.
+        enumeration other than the model's parallel enumeration
+        (``enumeration.check_enumeration``), or batch dims outside the plates.
     """
     options = dict(
         max_plate_nesting=max_plate_nesting,
@@ -536,7 +540,9 @@ def _vectorized(
         guide_handler = _then(guide_handler, add)
         if messenger is None:
             model_handler = _then(model_handler, add)
-    model = _particle_plate(model, num_particles, max_plate_nesting, force=local)
+    model = enum_handler(max_plate_nesting)(
+        _particle_plate(model, num_particles, max_plate_nesting, force=local)
+    )
     if guide is not None:
         guide = _particle_plate(guide, num_particles, max_plate_nesting, force=local)
     model_trace, guide_trace = _traces(
@@ -600,6 +606,12 @@ def _score(
         plates, global_names = _shared_plates(named, split_global)
     else:
         plates = _named_plates(named, keep_plates)
+    plain, summed = split_enumerated(model_sites, max_plate_nesting, guided=not prior_proposal)
+    if summed and local_particles:
+        raise ValueError(
+            f"num_local_particles > 1 cannot be combined with enumerated sites {sorted(summed)} "
+            "(both use the dims left of the particle plate); use num_local_particles=1."
+        )
 
     def is_global(kind: str, name: str) -> bool:
         return f"{kind} site '{name}'" in global_names
@@ -614,7 +626,8 @@ def _score(
             **_site_terms(glob, (), max_plate_nesting, kind, particle_plate),
         }
 
-    model_terms = terms(model_sites, "model")
+    model_terms = terms(plain, "model")
+    model_terms.update(enumerated_terms(model_trace, summed, plates, max_plate_nesting))
     guide_terms = terms(guide_sites, "guide") if guide_density else {}
 
     parts: dict[bool, list] = {False: [0.0, None], True: [0.0, None]}  # [log_w, score]
