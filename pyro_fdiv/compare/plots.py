@@ -36,8 +36,14 @@ def plot_marginals(results: Mapping, ref: np.ndarray, path: str | Path) -> Path:
     ``(chains, draws, 10)``; ``ref`` has the same layout.
     """
     ref = ref.reshape(-1, ref.shape[-1])
+    # constrained layout makes room for the suptitle above the first row (tight_layout does
+    # not, and the title overlapped the first row's panel titles)
     fig, axes = plt.subplots(
-        len(results), len(PANELS), figsize=(8, 2.6 * len(results)), squeeze=False
+        len(results),
+        len(PANELS),
+        figsize=(8, 2.6 * len(results) + 0.4),
+        squeeze=False,
+        layout="constrained",
     )
     for row, (name, result) in enumerate(results.items()):
         draws = result.draws.reshape(-1, ref.shape[-1])
@@ -58,7 +64,6 @@ def plot_marginals(results: Mapping, ref: np.ndarray, path: str | Path) -> Path:
             if col == 0:
                 ax.set_title(name, loc="left", fontsize=10)
     fig.suptitle("Eight Schools: method (filled) against the NUTS reference (lines)")
-    fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)

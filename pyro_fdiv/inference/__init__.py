@@ -14,6 +14,7 @@ from pyro_fdiv.inference.importance import (
 from pyro_fdiv.inference.iwae import IWAE
 from pyro_fdiv.inference.jsa import JSA
 from pyro_fdiv.inference.objective import ImportanceObjective
+from pyro_fdiv.inference.resample import ResampledPosterior, importance_resample
 from pyro_fdiv.inference.spread import SpreadSchedule
 
 __all__ = [
@@ -28,9 +29,11 @@ __all__ = [
     "Implicit",
     "ImportanceObjective",
     "LogWeights",
+    "ResampledPosterior",
     "SpreadSchedule",
     "get_log_weights",
     "guess_max_plate_nesting",
     "implicit_sample",
+    "importance_resample",
     "importance_trace",
 ]
