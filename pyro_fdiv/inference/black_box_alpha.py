@@ -133,8 +133,3 @@ class BlackBoxAlpha(ImportanceObjective):
             )
         neg_kl = weights.global_log_w.mean(0)
         return neg_kl + self.bound(weights.log_w).sum() * weights.scale
-
-    def _global_note(self) -> str:
-        if self.global_latents != "energy":
-            return super()._global_note()
-        return "The energy's minibatch estimate is unbiased in the sum over data points."

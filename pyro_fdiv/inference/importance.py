@@ -418,6 +418,7 @@ def importance_trace(
     split_global: bool = False,
     num_local_particles: int = 1,
     local_plates: Sequence[str] = (),
+    accumulate_dtype: torch.dtype | None = None,
 ) -> LogWeights:
     r"""
     Run ``guide`` once with ``num_particles`` particles vectorized in a plate, replay ``model``
@@ -475,6 +476,9 @@ def importance_trace(
         ``model_terms``/``guide_terms`` keep the ``L`` dim in front). Reparameterized local guide
         sites only, no ``detach_guide``.
     :param local_plates: the plates that make a site local, with ``num_local_particles``.
+    :param accumulate_dtype: sum the sites' terms into ``log_w`` in this dtype when it is more
+        precise than theirs (``torch.float64`` for a reported loss: Pyro's ``Trace_ELBO`` sums
+        its sites' log-densities as Python floats).
     :raises ValueError: for subsampling in a plate that not every site shares (default
         ``keep_plates``, without ``split_global``), a latent model site missing from the guide,
         enumeration other than the model's parallel enumeration
@@ -490,6 +494,7 @@ def importance_trace(
         split_global=split_global,
         num_local_particles=check_integer("num_local_particles", num_local_particles, 1),
         local_plates=tuple(local_plates),
+        accumulate_dtype=accumulate_dtype,
     )
     if not (vectorize_particles is None or isinstance(vectorize_particles, bool)):
         raise ValueError(
@@ -527,6 +532,7 @@ def _vectorized(
     split_global,
     num_local_particles,
     local_plates,
+    accumulate_dtype,
 ) -> LogWeights:
     messenger = guide_messenger(guide)
     local = num_local_particles > 1
@@ -558,6 +564,7 @@ def _vectorized(
         split_global=split_global,
         particle_plate=num_particles > 1 or local,
         local_particles=local,
+        accumulate_dtype=accumulate_dtype,
     )
     if detach_guide:
         weights = _detach_guide(guide, weights, args, kwargs, messenger)
@@ -590,6 +597,7 @@ def _score(
     split_global: bool = False,
     particle_plate: bool = True,
     local_particles: bool = False,
+    accumulate_dtype: torch.dtype | None = None,
 ) -> LogWeights:
     model_sites, guide_sites = sample_sites(model_trace), sample_sites(guide_trace)
     if not prior_proposal:
@@ -630,13 +638,19 @@ def _score(
     model_terms.update(enumerated_terms(model_trace, summed, plates, max_plate_nesting))
     guide_terms = terms(guide_sites, "guide") if guide_density else {}
 
+    def precise(term: torch.Tensor) -> torch.Tensor:
+        if accumulate_dtype is None or term.dtype.itemsize >= accumulate_dtype.itemsize:
+            return term
+        return term.to(accumulate_dtype)
+
     parts: dict[bool, list] = {False: [0.0, None], True: [0.0, None]}  # [log_w, score]
     for name, term in model_terms.items():
         if not prior_proposal or model_sites[name]["is_observed"]:
-            parts[is_global("model", name)][0] = parts[is_global("model", name)][0] + term
+            part = parts[is_global("model", name)]
+            part[0] = part[0] + precise(term)
     for name, term in guide_terms.items():
         part = parts[is_global("guide", name)]
-        part[0] = part[0] - term
+        part[0] = part[0] - precise(term)
         if not guide_sites[name]["fn"].has_rsample:
             part[1] = term if part[1] is None else part[1] + term
     (log_w, score), (global_log_w, global_score) = parts[False], parts[True]

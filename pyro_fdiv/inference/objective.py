@@ -232,8 +232,6 @@ class ImportanceObjective(ELBO):
             weights = self._validated_run(model, guide, args, kwargs, differentiable)
         if self._vectorize is None and self.num_particles > 1:
             self._vectorize = weights.vectorized  # decided on the first step, kept from then on
-        if weights.global_log_w is not None and weights.scale != 1.0:
-            self._warn_global(weights)
         return weights
 
     def _validated_run(self, model, guide, args, kwargs, differentiable: bool) -> LogWeights:
@@ -249,6 +247,7 @@ class ImportanceObjective(ELBO):
             split_global=self.global_latents != "error",
             num_local_particles=self.num_local_particles if self._local_plates else 1,
             local_plates=self._local_plates or (),
+            accumulate_dtype=None if differentiable else torch.float64,  # a reported loss
             **self._trace_options(differentiable),
         )
         if self.validation == "always" or not is_validation_enabled():
@@ -315,6 +314,8 @@ class ImportanceObjective(ELBO):
     def _global_total(self, weights: LogWeights, differentiable: bool) -> torch.Tensor:
         """The nested bound: one weight per particle, ``log p(θ_k) - log q(θ_k)`` plus the
         scaled sum of the batch's local log weights, reduced by :meth:`bound`."""
+        if weights.scale != 1.0 and self.num_particles > 1:
+            self._warn_global(weights)  # biased (with one particle it is linear: unbiased)
         joint = weights._replace(
             log_w=nested_log_weights(weights.global_log_w, weights.log_w, weights.scale),
             score=_joint_score(weights),
