@@ -147,9 +147,7 @@ def _draws(guide, xa, xb) -> dict[str, torch.Tensor]:
             guide = guide.laplace_approximation(xa, xb)
         plate = pyro.plate("_matrix_draws", NUM_DRAWS, dim=-2)
         tr = poutine.trace(plate(guide)).get_trace(xa, xb)
-        return {
-            name: tr.nodes[name]["value"].reshape(NUM_DRAWS, -1) for name in ("a", "b")
-        }
+        return {name: tr.nodes[name]["value"].reshape(NUM_DRAWS, -1) for name in ("a", "b")}
 
 
 def fit(guide_name: str, objective_name: str, *, seed: int = 0, num_steps: int = NUM_STEPS) -> Fit:

@@ -8,7 +8,7 @@ import numbers
 import torch
 
 from pyro_fdiv.inference.importance import LogWeights, log_mean_exp, non_reparam_sites
-from pyro_fdiv.inference.objective import ImportanceObjective
+from pyro_fdiv.inference.objective import ImportanceObjective, local_split
 
 __all__ = ["BlackBoxAlpha", "renyi_log_mean_exp"]
 
@@ -123,7 +123,8 @@ class BlackBoxAlpha(ImportanceObjective):
 
     def _global_total(self, weights: LogWeights, differentiable: bool) -> torch.Tensor:
         r""":math:`-\hat E_\alpha` with tied factors (see the class docstring)."""
-        if self.global_latents != "energy":
+        if self.global_latents != "energy" or not weights.plates:
+            # no data plate local to every subsampled plate (crossed plates): the nested bound
             return super()._global_total(weights, differentiable)
         if differentiable and (weights.score is not None or weights.global_score is not None):
             raise ValueError(
@@ -131,5 +132,8 @@ class BlackBoxAlpha(ImportanceObjective):
                 f"but {non_reparam_sites(weights.guide_trace)} cannot be reparameterized. Use "
                 "global_latents='nested' (score-function terms with a VIMCO baseline)."
             )
+        dims, local_scale = local_split(weights)
         neg_kl = weights.global_log_w.mean(0)
-        return neg_kl + self.bound(weights.log_w).sum() * weights.scale
+        per_point = self.bound(weights.log_w)
+        per_point = per_point.sum(tuple(d - 1 for d in dims)) if dims else per_point
+        return (neg_kl + local_scale * per_point).sum() * weights.scale

@@ -104,8 +104,14 @@ class LogWeights(NamedTuple):
         ``log_w`` is ``sum(model_terms) - sum(guide_terms)``.
     :ivar int max_plate_nesting: the plates' bound the traces ran with.
     :ivar torch.Tensor global_log_w: with ``split_global`` and global latents outside a
-        subsampled plate, the global sites' ``log p(θ_k) - log q(θ_k)`` of shape ``(K,)``
-        (``log_w`` then holds the local sites' terms, per data point); ``None`` otherwise.
+        subsampled plate, the global sites' ``log p(θ_k) - log q(θ_k)`` of shape
+        ``(K,)`` and the sizes of :attr:`global_plates` (``log_w`` then holds the local sites'
+        terms, per data point, and :attr:`scale` is the subsample scale of
+        :attr:`global_plates` only); ``None`` otherwise.
+    :ivar tuple global_plates: the plates every site shares, kept by ``global_log_w`` (the
+        local sites' other kept plates are those "global" is relative to).
+    :ivar frozenset global_sites: the global sites, as ``"model site 'name'"`` and
+        ``"guide site 'name'"``.
     :ivar torch.Tensor global_score: the global sites' part of ``score`` (``None`` when they
         are all reparameterized or there are none).
     :ivar bool vectorized: the particles ran as one tensor dimension (``False``: one after
@@ -131,6 +137,8 @@ class LogWeights(NamedTuple):
     vectorized: bool = True
     particle_traces: tuple[tuple[Trace, Trace], ...] = ()
     particle_plate: bool = True
+    global_plates: tuple[CondIndepStackFrame, ...] = ()
+    global_sites: frozenset[str] = frozenset()
 
     def reduce(self, log_p: torch.Tensor, site: dict, name: str) -> torch.Tensor:
         """Any per-site log-density ``log_p`` (of the site's batch shape, e.g. a log-Jacobian)
@@ -179,11 +187,12 @@ def _check_sites(model_sites: dict, guide_sites: dict) -> None:
 
 def _shared_plates(
     sites: dict[str, dict], split_global: bool = False
-) -> tuple[tuple[CondIndepStackFrame, ...], frozenset[str]]:
+) -> tuple[tuple[CondIndepStackFrame, ...], frozenset[str], tuple[CondIndepStackFrame, ...]]:
     """The vectorized plates that every sample site shares (``sites`` named for errors), and
     the sites outside a subsampled plate that not every site shares: empty unless
     ``split_global``, which keeps the plates shared by the other (local) sites instead of
-    raising."""
+    raising (every site global, where some site is inside some but not all of the subsampled
+    plates); third, the plates every site shares, which global sites keep."""
     stacks = [set(vectorized_frames(site)) for site in sites.values()]
     shared = set.intersection(*stacks) if stacks else set()
     subsampled = {
@@ -191,8 +200,9 @@ def _shared_plates(
         for frame in set.union(set(), *stacks) - shared
         if frame.full_size is not None and frame.full_size > frame.size
     }
+    outer = tuple(sorted(shared, key=lambda f: f.dim))
     if not subsampled:
-        return tuple(sorted(shared, key=lambda f: f.dim)), frozenset()
+        return outer, frozenset(), outer
     frame = min(subsampled, key=lambda f: (f.dim, f.name))
     outside = [n for n, s in zip(sites, stacks, strict=True) if frame not in s]
     if not split_global:
@@ -206,18 +216,13 @@ def _shared_plates(
             "to a separate objective."
         )
     local = [s for s in stacks if subsampled <= s]
-    partial = [
-        n for n, s in zip(sites, stacks, strict=True) if s & subsampled and not subsampled <= s
-    ]
-    if partial:
-        raise ValueError(
-            f"sites [{', '.join(partial)}] are inside some but not all of the subsampled plates "
-            f"{sorted(f.name for f in subsampled)}; the global-latent estimator needs each "
-            "site either inside every subsampled plate (local) or outside all of them (global)."
-        )
+    if any(s & subsampled and not subsampled <= s for s in stacks):
+        # subsampled plates that cross (no site set is local to all of them): every site is
+        # global, each with its own subsample scale, as in Pyro's RenyiELBO
+        return outer, frozenset(sites), outer
     kept = set.intersection(*local)
     global_names = frozenset(n for n, s in zip(sites, stacks, strict=True) if not s & subsampled)
-    return tuple(sorted(kept, key=lambda f: f.dim)), global_names
+    return tuple(sorted(kept, key=lambda f: f.dim)), global_names, outer
 
 
 def _named_plates(sites: dict[str, dict], names: Sequence[str]) -> tuple[CondIndepStackFrame, ...]:
@@ -611,9 +616,9 @@ def _score(
     named.update({f"guide site '{n}'": s for n, s in scored.items()})
     global_names: frozenset[str] = frozenset()
     if keep_plates is None:
-        plates, global_names = _shared_plates(named, split_global)
+        plates, global_names, outer = _shared_plates(named, split_global)
     else:
-        plates = _named_plates(named, keep_plates)
+        plates, outer = _named_plates(named, keep_plates), ()
     plain, summed = split_enumerated(model_sites, max_plate_nesting, guided=not prior_proposal)
     if summed and local_particles:
         raise ValueError(
@@ -630,8 +635,8 @@ def _score(
         leading = 2 if local_particles else 1
         return {
             **_site_terms(local, plates, max_plate_nesting, kind, particle_plate, leading),
-            # every plate summed: (K,)
-            **_site_terms(glob, (), max_plate_nesting, kind, particle_plate),
+            # the plates every site shares kept, the others summed
+            **_site_terms(glob, outer, max_plate_nesting, kind, particle_plate),
         }
 
     model_terms = terms(plain, "model")
@@ -662,7 +667,7 @@ def _score(
     return LogWeights(
         log_w,
         score,
-        _subsample_scale(plates),
+        _subsample_scale(outer if global_names else plates),
         plates,
         model_trace,
         guide_trace,
@@ -672,6 +677,8 @@ def _score(
         global_log_w if global_names else None,
         global_score,
         particle_plate=particle_plate,
+        global_plates=outer if global_names else (),
+        global_sites=global_names,
     )
 
 
@@ -718,18 +725,15 @@ def _detached_guide_log_prob(
     else:
         poutine.replay(guide, trace=detached)(*args, **kwargs)
         rerun = _messenger_traces(messenger)[1]
-    subsampled = {f for f in weights.plates if f.full_size is not None and f.full_size > f.size}
     sites = sample_sites(rerun)
-    glob = {}
-    if weights.global_log_w is not None:
-        glob = {n: s for n, s in sites.items() if not subsampled <= set(s["cond_indep_stack"])}
+    glob = {n: s for n, s in sites.items() if f"guide site '{n}'" in weights.global_sites}
     local = {n: s for n, s in sites.items() if n not in glob}
     mpn = weights.max_plate_nesting
     total, global_total = 0.0, 0.0
     plate = weights.particle_plate
     for term in _site_terms(local, weights.plates, mpn, "guide", plate).values():
         total = total + term
-    for term in _site_terms(glob, (), mpn, "guide", plate).values():
+    for term in _site_terms(glob, weights.global_plates, mpn, "guide", plate).values():
         global_total = global_total + term
     return torch.as_tensor(total), torch.as_tensor(global_total)
 

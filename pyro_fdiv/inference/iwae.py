@@ -129,7 +129,7 @@ class IWAE(ImportanceObjective):
         return self.bound(weights.log_w.detach()) + (surrogate - surrogate.detach())
 
     def _global_total(self, weights: LogWeights, differentiable: bool) -> torch.Tensor:
-        if differentiable and self.gradient_estimator == "dreg" and weights.scale != 1.0:
+        if differentiable and self.gradient_estimator == "dreg":
             raise ValueError(
                 "gradient_estimator='dreg' needs untempered log weights, but the global latents "
                 "sit outside a subsampled plate, whose N/B scale tempers the local weights in "

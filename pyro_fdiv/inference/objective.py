@@ -18,6 +18,7 @@ from pyro_fdiv.inference.importance import (
     checked_value,
     guess_max_plate_nesting,
     importance_trace,
+    sample_sites,
     trace_signature,
 )
 from pyro_fdiv.util import check_flag, check_integer, check_num_particles, rng_preserved
@@ -26,6 +27,7 @@ __all__ = [
     "ImportanceObjective",
     "check_integer",
     "check_num_particles",
+    "local_split",
     "nested_log_weights",
     "rng_preserved",
     "score_function_surrogate",
@@ -67,29 +69,41 @@ def score_function_surrogate(
     return term - term.detach()
 
 
-def nested_log_weights(
-    global_log_w: torch.Tensor, local_log_w: torch.Tensor, scale: float
-) -> torch.Tensor:
-    r"""One log weight per particle of the global latents:
-    :math:`\log p(\theta_k) - \log q(\theta_k) + s \sum_i \log w_{i,k}`, the local log
-    weights ``local_log_w`` (shape ``(K,) + batch_shape``) summed over the batch and scaled by
-    the subsample scale :math:`s = N/B`."""
-    local = local_log_w.reshape(local_log_w.shape[0], -1).sum(-1)
-    return global_log_w + (local * scale if scale != 1.0 else local)
+def local_split(weights: LogWeights) -> tuple[tuple[int, ...], float]:
+    """The dims of ``weights.log_w`` (particle dim 0) of the kept plates that the global sites
+    are outside of, and their subsample scale :math:`N/B`."""
+    dims, scale = [], 1.0
+    for position, frame in enumerate(weights.plates, start=1):
+        if frame not in weights.global_plates:
+            dims.append(position)
+            if _subsampled(frame):
+                scale *= frame.full_size / frame.size
+    return tuple(dims), scale
 
 
-def _subsampled(frame) -> bool:
-    return frame.full_size is not None and frame.full_size > frame.size
+def nested_log_weights(weights: LogWeights) -> torch.Tensor:
+    r"""One log weight per particle of the global latents (and element of the plates every
+    site shares): :math:`\log p(\theta_k) - \log q(\theta_k) + s \sum_i \log w_{i,k}`, the
+    local log weights summed over the plates the global sites are outside of and scaled by
+    their subsample scale :math:`s = N/B`."""
+    dims, scale = local_split(weights)
+    local = weights.log_w.sum(dims) if dims else weights.log_w
+    return weights.global_log_w + (local * scale if scale != 1.0 else local)
 
 
 def _joint_score(weights: LogWeights) -> torch.Tensor | None:
     """The score of each particle's global and local draws together (unscaled: it is the log
     density of what was sampled)."""
+    dims, _ = local_split(weights)
     parts = [weights.global_score]
     if weights.score is not None:
-        parts.append(weights.score.reshape(weights.score.shape[0], -1).sum(-1))
+        parts.append(weights.score.sum(dims) if dims else weights.score)
     parts = [p for p in parts if p is not None]
     return sum(parts[1:], parts[0]) if parts else None
+
+
+def _subsampled(frame) -> bool:
+    return frame.full_size is not None and frame.full_size > frame.size
 
 
 class ImportanceObjective(ELBO):
@@ -228,6 +242,12 @@ class ImportanceObjective(ELBO):
         if state is not None and weights.global_log_w is not None:
             # L local particles: the plates that make a site local are known now; redraw
             self._local_plates = tuple(f.name for f in weights.plates if _subsampled(f))
+            if not self._local_plates:
+                raise ValueError(
+                    f"num_local_particles={self.num_local_particles} needs one data plate "
+                    "enclosing every local site, but the model's subsampled plates cross (a "
+                    "site is inside some of them but not all); use num_local_particles=1."
+                )
             set_rng_state(state)
             weights = self._validated_run(model, guide, args, kwargs, differentiable)
         if self._vectorize is None and self.num_particles > 1:
@@ -272,8 +292,13 @@ class ImportanceObjective(ELBO):
         if self._warned_global:
             return
         self._warned_global = True
-        plates = [f for f in weights.plates if _subsampled(f)]
-        sizes = ", ".join(f"'{f.name}' ({f.size} of {f.full_size})" for f in plates)
+        frames = {
+            f: None
+            for site in sample_sites(weights.model_trace).values()
+            for f in site["cond_indep_stack"]
+            if _subsampled(f)
+        }
+        sizes = ", ".join(f"'{f.name}' ({f.size} of {f.full_size})" for f in frames)
         warnings.warn(
             f"{type(self).__name__}: global latent sites sit outside the subsampled plate "
             f"{sizes}; the {self.global_latents!r} global-latent estimator is used. "
@@ -314,15 +339,14 @@ class ImportanceObjective(ELBO):
     def _global_total(self, weights: LogWeights, differentiable: bool) -> torch.Tensor:
         """The nested bound: one weight per particle, ``log p(θ_k) - log q(θ_k)`` plus the
         scaled sum of the batch's local log weights, reduced by :meth:`bound`."""
-        if weights.scale != 1.0 and self.num_particles > 1:
+        if self.num_particles > 1:
             self._warn_global(weights)  # biased (with one particle it is linear: unbiased)
         joint = weights._replace(
-            log_w=nested_log_weights(weights.global_log_w, weights.log_w, weights.scale),
+            log_w=nested_log_weights(weights),
             score=_joint_score(weights),
             global_log_w=None,
             global_score=None,
-            scale=1.0,
-            plates=(),
+            plates=weights.global_plates,
         )
         return self._total(joint, differentiable)
 
