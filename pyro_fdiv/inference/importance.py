@@ -815,12 +815,9 @@ def trace_signature(weights: LogWeights) -> tuple:
 
 
 def non_reparam_sites(guide_trace: Trace) -> list[str]:
-    """The guide's latent sample sites without ``rsample`` (plates' subsample sites excluded)."""
-    return [
-        name
-        for name, site in sample_sites(guide_trace).items()
-        if not site["fn"].has_rsample and not site["is_observed"]
-    ]
+    """The guide's sample sites without ``rsample``: latent sites and ``pyro.factor`` sites
+    with ``has_rsample=False`` (plates' subsample sites excluded)."""
+    return [name for name, site in sample_sites(guide_trace).items() if not site["fn"].has_rsample]
 
 
 def reparam_roots(guide_trace: Trace) -> dict[str, torch.Tensor]:
