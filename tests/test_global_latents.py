@@ -400,3 +400,43 @@ def test_crossed_plates_warn_naming_them_and_refuse_local_particles():
         IWAE(num_particles=2).loss(crossed_model, crossed_guide)
     with pytest.raises(ValueError, match=r"num_local_particles=3 needs one data plate"):
         IWAE(num_particles=2, num_local_particles=3).loss(crossed_model, crossed_guide)
+
+
+def test_energy_score_function_gradient_is_unbiased_for_a_discrete_global_latent():
+    """A Bernoulli global latent (no rsample): the energy's score-function terms (VIMCO's
+    baseline over each particle's global and local draws) give an unbiased gradient of the
+    expected minibatch energy, which K = 2 particles let us enumerate exactly."""
+    idx, k, alpha = torch.tensor([1, 6, 3]), 2, 0.5
+
+    def discrete_model(x, idx):
+        z = pyro.sample("z", dist.Bernoulli(0.3))
+        with pyro.plate("data", N, subsample=idx):
+            pyro.sample("x", dist.Normal(2.0 * z - 1.0, 1.0), obs=x[idx])
+
+    def discrete_guide(x, idx):
+        logit = pyro.param("logit", torch.tensor(0.2))
+        pyro.sample("z", dist.Bernoulli(logits=logit))
+
+    logit = torch.tensor(0.2, requires_grad=True)
+    q = dist.Bernoulli(logits=logit)
+    expected = 0.0
+    for z in itertools.product([0.0, 1.0], repeat=k):
+        z = torch.tensor(z)
+        g = dist.Bernoulli(0.3).log_prob(z) - q.log_prob(z)
+        local = dist.Normal(2.0 * z.unsqueeze(-1) - 1.0, 1.0).log_prob(X[idx])  # (K, B)
+        bound = g.mean() + (N / 3) * renyi_log_mean_exp(local, alpha, 0).sum()
+        expected = expected + q.log_prob(z).sum().exp() * bound
+    (exact,) = torch.autograd.grad(-expected, logit)
+
+    objective = BlackBoxAlpha(alpha, num_particles=k)
+    grads = []
+    for seed in range(800):
+        pyro.set_rng_seed(seed)
+        objective.loss_and_grads(discrete_model, discrete_guide, X, idx)
+        grads.append(pyro.param("logit").grad.item())
+        pyro.param("logit").grad = None
+    grads = torch.tensor(grads)
+    stderr = grads.std() / math.sqrt(len(grads))
+    assert abs(grads.mean() - exact) < 4 * stderr  # measured: -0.126 against -0.131
+    # the test can tell a wrong gradient: without the score terms the mean would be about 0
+    assert stderr < 0.15 * abs(exact)

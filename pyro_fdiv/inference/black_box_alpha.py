@@ -7,8 +7,13 @@ import numbers
 
 import torch
 
-from pyro_fdiv.inference.importance import LogWeights, log_mean_exp, non_reparam_sites
-from pyro_fdiv.inference.objective import ImportanceObjective, local_split
+from pyro_fdiv.inference.importance import LogWeights, log_mean_exp
+from pyro_fdiv.inference.objective import (
+    ImportanceObjective,
+    joint_score,
+    local_split,
+    score_function_surrogate,
+)
 
 __all__ = ["BlackBoxAlpha", "renyi_log_mean_exp"]
 
@@ -73,10 +78,13 @@ class BlackBoxAlpha(ImportanceObjective):
     - \frac{N}{B}\sum_{n \in \text{batch}} \frac{1}{\alpha}
     \log\frac{1}{K}\sum_k w_{n,k}^\alpha`, where :math:`w_{n,k} = p(x_n \mid \theta_k)`,
     or :math:`p(x_n, z_{n,k} \mid \theta_k) / q(z_{n,k} \mid x_n, \theta_k)` with local
-    latents (one draw per particle). :math:`\alpha \to 0` is the negative ELBO exactly. Its
-    guide sites must be reparameterizable. ``global_latents="nested"`` uses the nested bound of
-    :class:`~pyro_fdiv.inference.ImportanceObjective` reduced by this energy instead, and
-    ``"error"`` refuses such models.
+    latents (``num_local_particles`` draws per particle, averaged). The terms are kept per
+    element of the plates every site shares, whose subsample scale multiplies the sum.
+    :math:`\alpha \to 0` is the negative ELBO exactly. Guide sites that cannot be
+    reparameterized get score-function terms with VIMCO's leave-one-out baseline over each
+    particle's global and local draws. ``global_latents="nested"`` uses the nested bound of
+    :class:`~pyro_fdiv.inference.ImportanceObjective` reduced by this energy instead (also
+    where the subsampled plates cross), and ``"error"`` refuses such models.
 
     Example::
 
@@ -122,18 +130,25 @@ class BlackBoxAlpha(ImportanceObjective):
         return renyi_log_mean_exp(log_w, self.alpha, dim)
 
     def _global_total(self, weights: LogWeights, differentiable: bool) -> torch.Tensor:
-        r""":math:`-\hat E_\alpha` with tied factors (see the class docstring)."""
-        if self.global_latents != "energy" or not weights.plates:
-            # no data plate local to every subsampled plate (crossed plates): the nested bound
-            return super()._global_total(weights, differentiable)
-        if differentiable and (weights.score is not None or weights.global_score is not None):
-            raise ValueError(
-                "BlackBoxAlpha(global_latents='energy') needs reparameterizable guide sites, "
-                f"but {non_reparam_sites(weights.guide_trace)} cannot be reparameterized. Use "
-                "global_latents='nested' (score-function terms with a VIMCO baseline)."
-            )
+        r""":math:`-\hat E_\alpha` with tied factors (see the class docstring); its
+        non-reparameterized guide sites get score-function terms with VIMCO's leave-one-out
+        baseline, each particle's global and local draws together."""
         dims, local_scale = local_split(weights)
-        neg_kl = weights.global_log_w.mean(0)
-        per_point = self.bound(weights.log_w)
-        per_point = per_point.sum(tuple(d - 1 for d in dims)) if dims else per_point
-        return (neg_kl + local_scale * per_point).sum() * weights.scale
+        if self.global_latents != "energy" or not dims:
+            # no data plate inside the subsampled plates (they cross): the nested bound
+            return super()._global_total(weights, differentiable)
+        # per element of the shared plates: (K, *shared, 1 + local points): log p/q of the
+        # global draw, then each local point's log weight
+        local = weights.log_w.movedim(dims, tuple(range(-len(dims), 0)))
+        local = local.reshape(*weights.global_log_w.shape, -1)
+        joint = torch.cat([weights.global_log_w.unsqueeze(-1), local], -1)
+
+        def energy(x: torch.Tensor, dim: int) -> torch.Tensor:
+            per_point = renyi_log_mean_exp(x[..., 1:], self.alpha, dim).sum(-1)
+            return x[..., 0].mean(dim) + local_scale * per_point
+
+        bound = energy(joint, 0)
+        score = joint_score(weights)
+        if differentiable and score is not None:
+            bound = bound + score_function_surrogate(energy, joint.detach(), score)
+        return bound.sum() * weights.scale

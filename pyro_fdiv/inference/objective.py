@@ -27,6 +27,7 @@ __all__ = [
     "ImportanceObjective",
     "check_integer",
     "check_num_particles",
+    "joint_score",
     "local_split",
     "nested_log_weights",
     "rng_preserved",
@@ -91,7 +92,7 @@ def nested_log_weights(weights: LogWeights) -> torch.Tensor:
     return weights.global_log_w + (local * scale if scale != 1.0 else local)
 
 
-def _joint_score(weights: LogWeights) -> torch.Tensor | None:
+def joint_score(weights: LogWeights) -> torch.Tensor | None:
     """The score of each particle's global and local draws together (unscaled: it is the log
     density of what was sampled)."""
     dims, _ = local_split(weights)
@@ -343,7 +344,7 @@ class ImportanceObjective(ELBO):
             self._warn_global(weights)  # biased (with one particle it is linear: unbiased)
         joint = weights._replace(
             log_w=nested_log_weights(weights),
-            score=_joint_score(weights),
+            score=joint_score(weights),
             global_log_w=None,
             global_score=None,
             plates=weights.global_plates,
