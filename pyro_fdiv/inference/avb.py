@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from pyro import poutine
+from pyro.distributions import Delta
 from pyro.distributions.transforms import biject_to
 from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide.utils import helpful_support_errors
@@ -285,6 +286,7 @@ class AVB(ELBO):
         self.adversary_loss = math.nan
         #: Number of discriminator updates taken.
         self.num_adversary_updates = 0
+        self._spread_checked = False
 
     # ---------------------------------------------------------------------------------------
     # Traces and features
@@ -330,6 +332,9 @@ class AVB(ELBO):
         weights = importance_trace(
             model, guide, args, kwargs, num_particles=k, max_plate_nesting=mpn, guide_density=False
         )
+        if k > 1 and not self._spread_checked:
+            _refuse_point_masses(weights.guide_trace, mpn)
+            self._spread_checked = True
         model_sites = sample_sites(weights.model_trace)
         log_lik, x_features = 0.0, []
         for name, term in weights.model_terms.items():
@@ -616,3 +621,25 @@ class _AdamFactory:
 
     def __call__(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, **self.kwargs)
+
+
+def _refuse_point_masses(guide_trace: Trace, max_plate_nesting: int) -> None:
+    """A ``Delta`` guide site whose ``K`` vectorized particles are all equal is a point mass
+    (``AutoDelta``, ``AutoLaplaceApproximation`` while training): its density against the
+    prior's is infinite, the discriminator separates it perfectly and AVB diverges, so it is
+    refused."""
+    for name, site in sample_sites(guide_trace).items():
+        value = site["value"]
+        if not isinstance(site["fn"], Delta) or site["is_observed"]:
+            continue
+        dim = -max_plate_nesting - 1 - site["fn"].event_dim
+        if not isinstance(value, torch.Tensor) or value.dim() < -dim or value.shape[dim] < 2:
+            continue
+        if torch.equal(value, value.narrow(dim, 0, 1).expand_as(value)):
+            raise ValueError(
+                f"AVB: the guide's site '{name}' puts all its mass on one point (its particles "
+                f"are equal; {type(site['fn']).__name__}, e.g. AutoDelta or "
+                "AutoLaplaceApproximation): the discriminator separates a point mass from any "
+                "density and training diverges. Use a guide that samples (AutoImplicit, "
+                "AutoNormal, ...), or MAP with Trace_ELBO."
+            )

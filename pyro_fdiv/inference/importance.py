@@ -350,15 +350,33 @@ def _site_terms(
     kind: str,
     particle_plate: bool = True,
     leading: int = 1,
+    uncached: bool = False,
 ) -> dict[str, torch.Tensor]:
+    """Each site's reduced term. ``uncached``: evaluate ``log_prob`` at a view of the value, a
+    new tensor with the value's graph, so that a transformed distribution inverts its transform
+    instead of reading the pre-image it cached when sampling: the gradient of ``log q`` then
+    flows through the sampled value (DReG squares the weights there)."""
     terms = {}
     for name, site in sites.items():
+        value = site["value"]
+        if uncached and isinstance(value, torch.Tensor) and value.requires_grad:
+            value = value.view_as(value)
         try:
-            log_p = _log_prob(site["fn"], site["value"], site["args"], site["kwargs"])
+            log_p = _log_prob(site["fn"], value, site["args"], site["kwargs"])
         except (ValueError, NotImplementedError) as error:
             raise SiteError(error, kind, name, site["fn"]) from error
         except RuntimeError as error:  # e.g. shapes that do not broadcast: name the site
             raise SiteRuntimeError(error, kind, name) from error
+        except KeyError as error:  # a transform's cache without an inverse behind it
+            message = (
+                f"{kind} site '{name}' ({type(site['fn']).__name__}) cannot evaluate its "
+                f"log-density at this value (KeyError {error}): its transform has no inverse "
+                "(e.g. a block neural autoregressive flow), so it can be scored only at the "
+                "value it has just drawn. Objectives that score it elsewhere (IWAE's "
+                "gradient_estimator='stl' or 'dreg', JSA's chain states) need an invertible "
+                "guide; use gradient_estimator='reparam', or a guide with an inverse."
+            )
+            raise SiteError(ValueError(message), kind, name, site["fn"]) from error
         terms[name] = _term(log_p, site, name, plates, max_plate_nesting, particle_plate, leading)
     return terms
 
@@ -570,6 +588,7 @@ def _vectorized(
         particle_plate=num_particles > 1 or local,
         local_particles=local,
         accumulate_dtype=accumulate_dtype,
+        uncached=detach_guide,
     )
     if detach_guide:
         weights = _detach_guide(guide, weights, args, kwargs, messenger)
@@ -603,6 +622,7 @@ def _score(
     particle_plate: bool = True,
     local_particles: bool = False,
     accumulate_dtype: torch.dtype | None = None,
+    uncached: bool = False,
 ) -> LogWeights:
     model_sites, guide_sites = sample_sites(model_trace), sample_sites(guide_trace)
     if not prior_proposal:
@@ -632,11 +652,12 @@ def _score(
     def terms(sites: dict[str, dict], kind: str) -> dict[str, torch.Tensor]:
         local = {n: s for n, s in sites.items() if not is_global(kind, n)}
         glob = {n: s for n, s in sites.items() if is_global(kind, n)}
+        options = {"particle_plate": particle_plate, "uncached": uncached and kind == "guide"}
         leading = 2 if local_particles else 1
         return {
-            **_site_terms(local, plates, max_plate_nesting, kind, particle_plate, leading),
+            **_site_terms(local, plates, max_plate_nesting, kind, leading=leading, **options),
             # the plates every site shares kept, the others summed
-            **_site_terms(glob, outer, max_plate_nesting, kind, particle_plate),
+            **_site_terms(glob, outer, max_plate_nesting, kind, **options),
         }
 
     model_terms = terms(plain, "model")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import torch
+from pyro.distributions import Delta
 
 from pyro_fdiv.inference.importance import (
     LogWeights,
     log_mean_exp,
     non_reparam_sites,
     reparam_roots,
+    sample_sites,
 )
 from pyro_fdiv.inference.objective import ImportanceObjective
 
@@ -121,6 +123,9 @@ class IWAE(ImportanceObjective):
                 f"sites, but {non_reparam_sites(weights.guide_trace)} cannot be reparameterized. "
                 "Use gradient_estimator='reparam' (score-function terms with a VIMCO baseline)."
             )
+        traces = [weights.guide_trace] if weights.vectorized else weights.particle_traces[:1]
+        for guide_trace in traces:
+            self._check_guide(guide_trace if weights.vectorized else guide_trace[1])
         if self.gradient_estimator == "stl":
             return self.bound(weights.log_w)
         w_tilde = torch.softmax(weights.log_w.detach(), dim=0)
@@ -146,12 +151,18 @@ class IWAE(ImportanceObjective):
         for k, (_, guide_trace) in enumerate(weights.particle_traces):
             self._square(guide_trace, w_tilde[k : k + 1], weights.plates)
 
-    def _square(self, guide_trace, w_tilde: torch.Tensor, plates) -> None:
+    def _check_guide(self, guide_trace) -> None:
+        """Once per set of sampled sites: the guide suits the estimator."""
         roots = reparam_roots(guide_trace)
         key = tuple(roots)
         if key not in self._checked_roots:
-            _check_independent(roots)
+            if self.gradient_estimator == "dreg":
+                _check_independent(roots)
+            _check_pathwise(roots, guide_trace, self.gradient_estimator == "dreg")
             self._checked_roots.add(key)
+
+    def _square(self, guide_trace, w_tilde: torch.Tensor, plates) -> None:
+        roots = reparam_roots(guide_trace)
         keep_dims = {f.dim for f in plates}
         for name, value in roots.items():
             event_dim = guide_trace.nodes[name]["fn"].event_dim
@@ -180,3 +191,58 @@ def _check_independent(roots: dict[str, torch.Tensor]) -> None:
                 f"given the data, but guide site '{names[i]}' depends on {parents}. "
                 "Use gradient_estimator='stl' or 'reparam' for hierarchical guides."
             )
+
+
+def _check_pathwise(roots: dict[str, torch.Tensor], guide_trace, dreg: bool) -> None:
+    """STL and DReG treat the sampled (root) values as the latents. STL removes the guide's
+    direct dependence on its parameters at those values, which has mean zero only when every
+    parameter enters ``log q`` through the sampling distributions: a ``Delta`` site whose
+    ``log_density`` depends on a parameter directly (``AutoStructured``'s affine sites over
+    auxiliary noise: ``-log scale``) would bias it at any ``K``. DReG also squares the weights
+    where the gradient reaches the samples, so the ``Delta`` sites' values (the model's
+    latents) must depend on the parameters only through them. Point masses (``Delta`` sites
+    that depend on no sample, e.g. ``AutoDelta``) are fine. Refused otherwise."""
+    params = [
+        site["value"].unconstrained()
+        for site in guide_trace.nodes.values()
+        if site["type"] == "param" and site["value"].unconstrained().requires_grad
+    ]
+    values = list(roots.values())
+    if not params or not values:
+        return
+    for name, site in sample_sites(guide_trace).items():
+        if not isinstance(site["fn"], Delta):
+            continue
+        checked = [site["fn"].log_density] + ([site["value"]] if dreg else [])
+        for tensor in checked:
+            if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+                if _enters_after(tensor, values, params):
+                    raise ValueError(
+                        f"gradient_estimator='stl'/'dreg' need the guide's site '{name}' to "
+                        f"depend on its parameters only through the sampled sites "
+                        f"{list(roots)}, but parameters also enter after them (a Delta site "
+                        "computed from auxiliary noise, as in AutoStructured): the estimator "
+                        "would be biased. Use gradient_estimator='reparam' for this guide."
+                    )
+
+
+def _enters_after(tensor: torch.Tensor, roots: list, params: list) -> bool:
+    """``tensor`` depends on a parameter other than through ``roots`` (and on some root)."""
+    at_roots = torch.autograd.grad(tensor.sum(), roots, allow_unused=True, retain_graph=True)
+    pairs = [(v, g) for v, g in zip(roots, at_roots, strict=True) if g is not None]
+    if not pairs:
+        return False  # a point mass
+    total = torch.autograd.grad(tensor.sum(), params, allow_unused=True, retain_graph=True)
+    through = torch.autograd.grad(
+        [v for v, _ in pairs],
+        params,
+        grad_outputs=[g for _, g in pairs],
+        allow_unused=True,
+        retain_graph=True,
+    )
+    for direct, via in zip(total, through, strict=True):
+        direct = torch.zeros(()) if direct is None else direct
+        via = torch.zeros(()) if via is None else via
+        if not torch.allclose(direct, via, rtol=1e-6, atol=1e-10):
+            return True
+    return False
