@@ -208,38 +208,58 @@ def _check_pathwise(roots: dict[str, torch.Tensor], guide_trace, dreg: bool) -> 
         if site["type"] == "param" and site["value"].unconstrained().requires_grad
     ]
     values = list(roots.values())
-    if not params or not values:
+    if not params:
         return
     for name, site in sample_sites(guide_trace).items():
         if not isinstance(site["fn"], Delta):
             continue
-        checked = [site["fn"].log_density] + ([site["value"]] if dreg else [])
-        for tensor in checked:
-            if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
-                if _enters_after(tensor, values, params):
-                    raise ValueError(
-                        f"gradient_estimator='stl'/'dreg' need the guide's site '{name}' to "
-                        f"depend on its parameters only through the sampled sites "
-                        f"{list(roots)}, but parameters also enter after them (a Delta site "
-                        "computed from auxiliary noise, as in AutoStructured): the estimator "
-                        "would be biased. Use gradient_estimator='reparam' for this guide."
-                    )
+        log_density, value = site["fn"].log_density, site["value"]
+        suspect = _grad_tensor(log_density) and _enters_after(log_density, values, params)
+        if dreg and not suspect and _grad_tensor(value) and not _point_mass(value, values):
+            suspect = _enters_after(value, values, params)
+        if suspect:
+            sampled = f"the sampled sites {list(roots)}" if roots else "its samples"
+            raise ValueError(
+                f"gradient_estimator='stl'/'dreg' need the guide's site '{name}' to depend on "
+                f"its parameters only through {sampled}, but parameters also enter after "
+                "them (a Delta site computed from auxiliary noise, as in AutoStructured): the "
+                "estimator would be biased. Use gradient_estimator='reparam' for this guide."
+            )
+
+
+def _grad_tensor(x: object) -> bool:
+    return isinstance(x, torch.Tensor) and x.requires_grad
+
+
+def _depends_on(tensor: torch.Tensor, inputs: list) -> list:
+    """``d tensor.sum() / d input`` for each input (``None`` where it does not depend)."""
+    if not inputs:
+        return []
+    return list(torch.autograd.grad(tensor.sum(), inputs, allow_unused=True, retain_graph=True))
+
+
+def _point_mass(value: torch.Tensor, roots: list) -> bool:
+    """A value that depends on no sample and is equal across the particle dim (a parameter,
+    ``AutoDelta``): it has no density to misplace."""
+    if any(g is not None for g in _depends_on(value, roots)):
+        return False
+    return value.dim() == 0 or torch.equal(value, value[:1].expand_as(value))
 
 
 def _enters_after(tensor: torch.Tensor, roots: list, params: list) -> bool:
-    """``tensor`` depends on a parameter other than through ``roots`` (and on some root)."""
-    at_roots = torch.autograd.grad(tensor.sum(), roots, allow_unused=True, retain_graph=True)
+    """``tensor`` depends on a parameter other than through ``roots``."""
+    at_roots = _depends_on(tensor, roots)
     pairs = [(v, g) for v, g in zip(roots, at_roots, strict=True) if g is not None]
-    if not pairs:
-        return False  # a point mass
-    total = torch.autograd.grad(tensor.sum(), params, allow_unused=True, retain_graph=True)
-    through = torch.autograd.grad(
-        [v for v, _ in pairs],
-        params,
-        grad_outputs=[g for _, g in pairs],
-        allow_unused=True,
-        retain_graph=True,
-    )
+    total = _depends_on(tensor, params)
+    through = [None] * len(params)
+    if pairs:
+        through = torch.autograd.grad(
+            [v for v, _ in pairs],
+            params,
+            grad_outputs=[g for _, g in pairs],
+            allow_unused=True,
+            retain_graph=True,
+        )
     for direct, via in zip(total, through, strict=True):
         direct = torch.zeros(()) if direct is None else direct
         via = torch.zeros(()) if via is None else via
