@@ -329,9 +329,9 @@ def compile_graph(
             f"Expected compile_options among backend, mode, options, dynamic, fullgraph; "
             f"actual {sorted(options)}"
         )
-    from torch._inductor.compile_fx import compile_fx
-
     with quiet_compile():
+        from torch._inductor.compile_fx import compile_fx  # its import defines TorchScript
+
         return compile_fx(gm, inputs, config_patches=patches)
 
 
