@@ -397,7 +397,53 @@ class _Program:
         return current
 
 
-class CompiledLoss:
+class _ProgramCache:
+    """Programs by key, the keys that run eagerly, and the one warning: what
+    :class:`CompiledLoss` and :class:`Step` share."""
+
+    def __init__(self, owner: str, compile_options: dict | None):
+        self.owner, self.compile_options = owner, compile_options
+        self.programs: dict[tuple, Any] = {}
+        self.eager_keys: set[tuple] = set()
+        self.warned = False
+
+    def _compile(
+        self,
+        key,
+        reason,
+        loss_fn,
+        model,
+        guide,
+        names,
+        args,
+        kwargs,
+        validated,
+        update=None,
+        state=(),
+    ) -> Callable | None:
+        """Capture and compile the program of ``key``; ``None`` (with the one warning, and
+        ``key`` run eagerly from then on) when ``reason`` or the capture refuses it."""
+        if reason is None:
+            try:
+                gm, inputs, signature = capture(
+                    loss_fn, model, guide, names, args, kwargs, update, state
+                )
+                if validated is not None and signature != validated:
+                    reason = "the traced sample sites differ from the eager run's"
+            except TraceFailure as error:
+                reason = f"it cannot be traced once ({error})"
+        if reason is not None:
+            if not self.warned:
+                self.warned = True
+                _warn_eager(self.owner, reason)
+            self.eager_keys.add(key)
+            return None
+        if len(self.programs) >= MAX_PROGRAMS:
+            self.programs.pop(next(iter(self.programs)))
+        return compile_graph(gm, inputs, self.compile_options)
+
+
+class CompiledLoss(_ProgramCache):
     """
     The compiled ``loss_and_grads`` of an objective (``compile=True``): loss and gradient of
     the unconstrained parameters from one compiled graph per key; see the module docstring.
@@ -408,11 +454,8 @@ class CompiledLoss:
     """
 
     def __init__(self, objective, compile_options: dict | None = None):
+        super().__init__(type(objective).__name__, compile_options)
         self.objective = objective
-        self.compile_options = compile_options
-        self.programs: dict[tuple, _Program] = {}
-        self.eager_keys: set[tuple] = set()
-        self.warned = False
 
     def __getstate__(self) -> dict:
         # compiled programs are not pickled (nor checkpointed): a copy captures its own
@@ -440,30 +483,13 @@ class CompiledLoss:
             value = objective._eager_loss_and_grads(model, guide, args, kwargs)
         names = list(capture_params.trace.nodes)
         reason = objective._compile_refusal() or outer_handlers()
-        if reason is None:
-            try:
-                gm, inputs, signature = capture(
-                    objective._traced_loss, model, guide, names, args, kwargs
-                )
-                if objective._validated is not None and signature != objective._validated:
-                    reason = "the traced sample sites differ from the eager run's"
-            except TraceFailure as error:
-                reason = f"it cannot be traced once ({error})"
-        if reason is not None:
-            if not self.warned:
-                self.warned = True
-                _warn_eager(type(objective).__name__, reason)
-            self.eager_keys.add(key)
-            return value
-        if len(self.programs) >= MAX_PROGRAMS:
-            self.programs.pop(next(iter(self.programs)))
-        store = pyro.get_param_store()
-        program = _Program(
-            compile_graph(gm, inputs, self.compile_options),
-            names,
-            [store._params[n] for n in names],
+        validated = objective._validated
+        fn = self._compile(
+            key, reason, objective._traced_loss, model, guide, names, args, kwargs, validated
         )
-        self.programs[key] = program
+        if fn is not None:
+            store = pyro.get_param_store()
+            self.programs[key] = _Program(fn, names, [store._params[n] for n in names])
         return value
 
     def _run(self, program, params, tensors, model, guide, args, kwargs) -> float:
@@ -555,7 +581,7 @@ def adam_update(settings: list[tuple], guard: bool) -> Callable:
     return update
 
 
-class Step:
+class Step(_ProgramCache):
     """
     A training step with :class:`~pyro.infer.SVI`'s arguments whose loss, gradient and Adam
     update are one compiled program; made by :func:`make_step`.
@@ -585,10 +611,7 @@ class Step:
         self.model, self.guide, self.optim, self.loss = model, guide, optim, loss
         self.svi = SVI(model, guide, optim, loss)
         self.compile = compile
-        self.compile_options = compile_options
-        self.programs: dict[tuple, tuple[_Program, list[torch.Tensor] | None]] = {}
-        self.eager_keys: set[tuple] = set()
-        self.warned = False
+        super().__init__("make_step", compile_options)
 
     def __call__(self, *args, **kwargs) -> float:
         if not self.compile:
@@ -614,39 +637,33 @@ class Step:
         names = list(capture_params.trace.nodes)
         store = pyro.get_param_store()
         params = [store._params[n] for n in names]
-        refusal = getattr(loss, "_compile_refusal", lambda: None)()
-        reason = refusal or outer_handlers()
-        state = None
-        if reason is None:
-            settings = [self._settings(p) for p in params] if not self.optim.pt_clip_args else None
-            update = None
-            if settings is not None and all(s is not None for s in settings):
-                state = []
-                for p in params:
-                    slot = self.optim.optim_objs[p].state[p]
-                    state += [slot["step"], slot["exp_avg"], slot["exp_avg_sq"]]
-                state_flat = flat_inputs(state)
-                update = adam_update(settings, guard=getattr(loss, "check_finite", True))
-            loss_fn = getattr(loss, "_traced_loss", None) or functools.partial(traced_loss, loss)
-            try:
-                gm, inputs, signature = capture(
-                    loss_fn, self.model, self.guide, names, args, kwargs, update, state or ()
-                )
-                validated = getattr(loss, "_validated", None)
-                if validated is not None and signature != validated:
-                    reason = "the traced sample sites differ from the eager run's"
-            except TraceFailure as error:
-                reason = f"it cannot be traced once ({error})"
-        if reason is not None:
-            if not self.warned:
-                self.warned = True
-                _warn_eager("make_step", reason)
-            self.eager_keys.add(key)
-            return value
-        if len(self.programs) >= MAX_PROGRAMS:
-            self.programs.pop(next(iter(self.programs)))
-        program = _Program(compile_graph(gm, inputs, self.compile_options), names, params)
-        self.programs[key] = (program, state, None if state is None else state_flat)
+        reason = getattr(loss, "_compile_refusal", lambda: None)() or outer_handlers()
+        state = update = None
+        settings = [self._settings(p) for p in params] if not self.optim.pt_clip_args else None
+        if settings is not None and all(s is not None for s in settings):
+            state = []
+            for p in params:
+                slot = self.optim.optim_objs[p].state[p]
+                state += [slot["step"], slot["exp_avg"], slot["exp_avg_sq"]]
+            update = adam_update(settings, guard=getattr(loss, "check_finite", True))
+        loss_fn = getattr(loss, "_traced_loss", None) or functools.partial(traced_loss, loss)
+        validated = getattr(loss, "_validated", None)
+        fn = self._compile(
+            key,
+            reason,
+            loss_fn,
+            self.model,
+            self.guide,
+            names,
+            args,
+            kwargs,
+            validated,
+            update,
+            state or (),
+        )
+        if fn is not None:
+            flat = None if state is None else flat_inputs(state)
+            self.programs[key] = (_Program(fn, names, params), state, flat)
         return value
 
     def _settings(self, param: torch.Tensor) -> tuple | None:
