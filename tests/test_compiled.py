@@ -10,8 +10,9 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from pyro.infer import SVI
-from pyro.infer.autoguide import AutoNormal
+from pyro import poutine
+from pyro.infer import SVI, config_enumerate
+from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal, AutoNormalMessenger
 from torch._dynamo.utils import counters
 
 from pyro_fdiv import checkpoint
@@ -244,3 +245,65 @@ def test_bad_compile_options_raise():
         SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), objective).step(x)
     with pytest.raises(TypeError, match="compile_options"):
         IWAE(compile=True, compile_options=["mode"])
+
+
+def subsampled_model(x):
+    mu = pyro.sample("mu", dist.Normal(x.new_tensor(0.0), 1.0))
+    with pyro.plate("data", len(x), subsample_size=2) as idx:
+        z = pyro.sample("z", dist.Normal(mu, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x[idx])
+
+
+def subsampled_guide(x):
+    pyro.sample("mu", dist.Normal(pyro.param("a", x.new_tensor(0.0)), 1.0))
+    with pyro.plate("data", len(x), subsample_size=2) as idx:
+        pyro.sample("z", dist.Normal(pyro.param("b", x.new_zeros(len(x)))[idx], 1.0))
+
+
+@config_enumerate
+def enumerated_model(x):
+    p = pyro.param("p", x.new_tensor(0.3), constraint=dist.constraints.unit_interval)
+    loc = pyro.sample("loc", dist.Normal(x.new_tensor(0.0), 1.0))
+    with pyro.plate("data", len(x)):
+        c = pyro.sample("c", dist.Bernoulli(p))
+        pyro.sample("x", dist.Normal(loc + c, 1.0), obs=x)
+
+
+def global_model(x):
+    loc = pyro.sample("loc", dist.Normal(x.new_tensor(0.0), 1.0))
+    scale = pyro.sample("scale", dist.LogNormal(x.new_tensor(0.0), 1.0))
+    with pyro.plate("data", len(x)):
+        pyro.sample("x", dist.Normal(loc, scale), obs=x)
+
+
+KINDS = {  # model, guide, objective: what the capture must reproduce
+    "subsampled-nested": (subsampled_model, lambda m: subsampled_guide, IWAE),
+    "subsampled-energy": (subsampled_model, lambda m: subsampled_guide, BlackBoxAlpha),
+    "enumerated": (enumerated_model, lambda m: AutoNormal(poutine.block(m, hide=["c"])), IWAE),
+    "guide-messenger": (global_model, AutoNormalMessenger, IWAE),
+    "multivariate-normal": (global_model, AutoMultivariateNormal, BlackBoxAlpha),
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_model_kinds_capture_equal_eager(kind):
+    """Subsampling (random subsamples drawn in the program), enumeration, GuideMessenger guides
+    and a dense guide: captured programs (run by ``aot_eager`` here, for speed) give the eager
+    losses on the same draws."""
+    model, make_guide, objective = KINDS[kind]
+    runs = []
+    for compile in (False, True):
+        pyro.clear_param_store()
+        kwargs = {"compile": compile, "compile_options": {"backend": "aot_eager"}}
+        loss = (
+            IWAE(num_particles=3, **kwargs)
+            if objective is IWAE
+            else BlackBoxAlpha(0.5, 3, **kwargs)
+        )
+        svi = SVI(model, make_guide(model), pyro.optim.Adam({"lr": 0.05}), loss)
+        pyro.set_rng_seed(0)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "IWAE: global latent sites", UserWarning)
+            runs.append([svi.step(X) for _ in range(4)])
+        assert not compile or loss._compiled.programs
+    assert runs[1] == pytest.approx(runs[0], rel=1e-10, abs=1e-10)

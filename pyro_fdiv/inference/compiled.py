@@ -232,7 +232,7 @@ def capture(
         return (loss.detach(),)
 
     inputs = [*flat_inputs(params), *flat_inputs(state), *tensors]
-    with _tracing():
+    with _tracing(), quiet_compile():
         try:
             gm = make_fx(program, tracing_mode="fake", _allow_non_fake_inputs=True)(*inputs)
         except Exception as error:  # any failure to trace means: run eagerly
@@ -308,11 +308,14 @@ def _leaked_parameters(gm: torch.fx.GraphModule, store) -> list[str]:
     return leaked
 
 
-#: Warnings that importing and running Inductor raise and that are understood: torch's own
-#: modules still define TorchScript classes (``torch.utils.mkldnn``) at import.
+#: Warnings that tracing, importing and running Inductor raise and that are understood: torch's
+#: own modules still define TorchScript classes (``torch.utils.mkldnn``) at import, and some
+#: of its meta kernels (e.g. of ``AutoMultivariateNormal``'s triangular ops) still call the
+#: deprecated ``torch._prims_common.check``.
 COMPILE_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
     (DeprecationWarning, r"`torch\.jit\.script_method` is deprecated"),
     (DeprecationWarning, r"`torch\.jit\.script` is deprecated"),
+    (FutureWarning, r"`torch\._prims_common\.check` is deprecated"),
 )
 
 
