@@ -307,3 +307,40 @@ def test_model_kinds_capture_equal_eager(kind):
             runs.append([svi.step(X) for _ in range(4)])
         assert not compile or loss._compiled.programs
     assert runs[1] == pytest.approx(runs[0], rel=1e-10, abs=1e-10)
+
+
+ENCODER = torch.nn.Linear(1, 2).double()
+NETWORKS = {"encoder": ENCODER}
+
+
+def closure_guide(x):  # the network is a global its code names: found and substituted
+    pyro.module("encoder", ENCODER)
+    out = ENCODER(x.unsqueeze(-1))
+    with pyro.plate("data", len(x)):
+        pyro.sample("z", dist.Normal(out[..., 0], out[..., 1].exp()))
+
+
+def hidden_guide(x):  # the network hides in a dict: its parameters would be frozen
+    pyro.module("encoder", NETWORKS["encoder"])
+    out = NETWORKS["encoder"](x.unsqueeze(-1))
+    with pyro.plate("data", len(x)):
+        pyro.sample("z", dist.Normal(out[..., 0], out[..., 1].exp()))
+
+
+def test_networks_named_by_the_guide_are_substituted_others_fall_back():
+    runs = []
+    for guide, compile in ((closure_guide, False), (closure_guide, True), (hidden_guide, True)):
+        pyro.clear_param_store()
+        state = {k: v.clone() for k, v in ENCODER.state_dict().items()}
+        loss = IWAE(num_particles=3, compile=compile, compile_options={"backend": "aot_eager"})
+        svi = SVI(conjugate_model, guide, pyro.optim.Adam({"lr": 0.05}), loss)
+        pyro.set_rng_seed(0)
+        if guide is hidden_guide:
+            with pytest.warns(UserWarning, match="encoder.* read outside pyro.param"):
+                runs.append([svi.step(X.double()) for _ in range(3)])
+        else:
+            runs.append([svi.step(X.double()) for _ in range(3)])
+            assert not compile or loss._compiled.programs
+        ENCODER.load_state_dict(state)
+    assert runs[1] == pytest.approx(runs[0], rel=1e-10, abs=1e-10)
+    assert runs[2] == pytest.approx(runs[0], rel=1e-10, abs=1e-10)

@@ -10,7 +10,7 @@ How a step is captured (:class:`CompiledLoss`, :func:`make_step`)::
         Pyro's handlers run once on fake tensors (validation off), pyro.param and the modules'
         parameters read the function's inputs, torch.autograd.grad adds the backward ops
         (and any gradient hooks, e.g. DReG's) to the same graph; make_step adds Adam
-    then every step ─▶ torch.compile (Inductor) of that graph: no Pyro Python runs
+    then every step ─▶ that graph compiled by Inductor (``compile_fx``): no Pyro Python runs
 
 The key of a program is the model and guide, the shapes, dtypes and devices of the tensor
 arguments and the values of the others, and the parameters read (names, shapes, the tensors
@@ -19,11 +19,12 @@ so tracing meets a data-dependent branch; the sequential-particle path; a parame
 trace cannot reach) runs eagerly, with one warning naming the reason.
 
 **Random numbers.** The graph draws its own noise on every call (traced random ops). With
-``compile_options={"fallback_random": True}`` (the default here) Inductor calls the same ATen
-random ops on the global generator, in the order the eager run calls them, so a compiled step
-draws what the eager step draws after the same seed (the equality tests rely on it; exact
-resumes from checkpoints do too); ``{"fallback_random": False}`` uses Inductor's own generator
-(seeded from the global one: reproducible under ``pyro.set_rng_seed``, but other draws).
+Inductor's ``fallback_random`` (``compile_options={"options": {"fallback_random": True}}``,
+the default here) it calls the same ATen random ops on the global generator, in the order the
+eager run calls them, so a compiled step draws what the eager step draws after the same seed
+(the equality tests rely on it; exact resumes from checkpoints do too);
+``{"options": {"fallback_random": False}}`` uses Inductor's own generator (seeded from the
+global one: reproducible under ``pyro.set_rng_seed``, but other draws).
 """
 
 from __future__ import annotations
@@ -78,15 +79,33 @@ class _Substitute(Messenger):
 
 
 def _modules(*fns: Any) -> list[torch.nn.Module]:
-    """The ``nn.Module``\\ s a model or guide is, or is a method or ``partial`` of."""
+    """The ``nn.Module``\\ s a model or guide is, is a method or ``partial`` of, or names in
+    its closure or among the globals its code reads (where Pyro's examples keep their
+    networks). Parameters read through anything else are found frozen in the trace
+    (:func:`_leaked_parameters`), and the step stays eager."""
     found = []
     for fn in fns:
         while isinstance(fn, functools.partial):
             fn = fn.func
-        for candidate in (fn, getattr(fn, "__self__", None)):
-            if isinstance(candidate, torch.nn.Module):
-                found.append(candidate)
+        candidates = [fn, getattr(fn, "__self__", None)]
+        code_fn = getattr(fn, "__func__", fn)
+        code = getattr(code_fn, "__code__", None)
+        if code is not None:
+            candidates += [
+                cell.cell_contents for cell in code_fn.__closure__ or () if _filled(cell)
+            ]
+            globals_ = getattr(code_fn, "__globals__", {})
+            candidates += [globals_[name] for name in code.co_names if name in globals_]
+        found += [c for c in candidates if isinstance(c, torch.nn.Module)]
     return found
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018  (an empty cell raises)
+    except ValueError:
+        return False
+    return True
 
 
 @contextlib.contextmanager
