@@ -344,3 +344,31 @@ def test_networks_named_by_the_guide_are_substituted_others_fall_back():
         ENCODER.load_state_dict(state)
     assert runs[1] == pytest.approx(runs[0], rel=1e-10, abs=1e-10)
     assert runs[2] == pytest.approx(runs[0], rel=1e-10, abs=1e-10)
+
+
+def guide_with_an_unused_parameter(x):
+    pyro.param("unused", x.new_tensor(1.0))  # read, never in the loss: no gradient, no step
+    conjugate_guide(x)
+
+
+@pytest.mark.parametrize("optim", ["adam", "sgd"])
+def test_parameters_without_gradient_are_left_as_eager_leaves_them(optim):
+    runs = []
+    for compiled in (False, True):
+        pyro.clear_param_store()
+        make_optim = pyro.optim.Adam if optim == "adam" else pyro.optim.SGD
+        args = (conjugate_model, guide_with_an_unused_parameter, make_optim({"lr": 0.05}))
+        loss = IWAE(num_particles=3)
+        if compiled:
+            step = make_step(*args, loss, compile_options={"backend": "aot_eager"})
+        else:
+            step = SVI(*args, loss).step
+        pyro.set_rng_seed(0)
+        losses = [step(X.double()) for _ in range(4)]
+        store = pyro.get_param_store()
+        runs.append((losses, {k: v.detach().clone() for k, v in store._params.items()}))
+        assert not compiled or step.programs
+    assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-10, abs=1e-10)
+    for name, value in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][name], value, rtol=1e-10, atol=1e-10)
+    assert runs[1][1]["unused"].item() == 1.0

@@ -209,12 +209,15 @@ def capture(
     """
     Trace ``loss_fn(model, guide, args, kwargs) -> (loss, signature)`` and its gradient in the
     unconstrained parameters ``names`` into one FX graph of ATen ops
-    ``(params..., state..., tensor args...) -> (loss, grads...)``; with ``update``,
+    ``(params..., state..., tensor args...) -> (loss, grads of the used parameters...)``; with
+    ``update``,
     ``update(params, grads, state)`` runs after the gradient in the same graph (the optimizer
     step, writing into ``params`` and ``state``) and the graph returns ``(loss,)``.
 
     :returns: the graph, example inputs (the flat parameters and state, the tensor
-        arguments) and the signature ``loss_fn`` returned while tracing.
+        arguments), the signature ``loss_fn`` returned while tracing, and the indices of the
+        parameters the loss depends on (the others get no gradient: eager ``backward`` leaves
+        their ``.grad`` as it was, so an optimizer skips or steps them as it would eagerly).
     :raises TraceFailure: when the loss cannot be one graph (a data-dependent branch, a
         parameter read outside ``pyro.param`` and the modules of model and guide).
     """
@@ -238,13 +241,13 @@ def capture(
         swap = _swapped([(m, n) for _, m, n in slots], [leaves[i] for i, _, _ in slots])
         with _Substitute(dict(zip(names, leaves, strict=True))), swap:
             loss, sig = loss_fn(model, guide, new_args, new_kwargs)
-        signature.append(sig)
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        signature.append((sig, [i for i, g in enumerate(grads) if g is not None]))
+        if update is None:  # the gradients of the parameters the loss depends on
+            return (loss.detach(), *[g for g in grads if g is not None])
         grads = [
             torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads, strict=True)
         ]
-        if update is None:
-            return (loss.detach(), *grads)
         new = update(raw[:num_params], grads, raw[num_params:], loss.detach())
         for target, value in zip(flat, new, strict=True):
             target.copy_(value.reshape(-1))
@@ -262,7 +265,8 @@ def capture(
             f"the parameters {leaked} are read outside pyro.param and the modules of the model "
             "and guide, so the trace would freeze them"
         )
-    return gm, inputs, signature[0] if signature else None
+    sig, used = signature[0]
+    return gm, inputs, sig, used
 
 
 def outer_handlers() -> str | None:
@@ -395,8 +399,8 @@ def _warn_eager(owner: str, reason: str) -> None:
 class _Program:
     """One compiled graph and what it was captured with."""
 
-    def __init__(self, fn: Callable, names: list[str], params: list[torch.Tensor]):
-        self.compiled, self.names, self.params = fn, names, params
+    def __init__(self, fn: Callable, used: list[int], names: list[str], params: list[torch.Tensor]):
+        self.compiled, self.used, self.names, self.params = fn, used, names, params
         self.flat = flat_inputs(params)  # the same storage, written in place
         self.store = pyro.get_param_store()
         self.fn = self._first_call
@@ -442,12 +446,13 @@ class _ProgramCache:
         validated,
         update=None,
         state=(),
-    ) -> Callable | None:
-        """Capture and compile the program of ``key``; ``None`` (with the one warning, and
-        ``key`` run eagerly from then on) when ``reason`` or the capture refuses it."""
+    ) -> tuple[Callable, list[int]] | None:
+        """Capture and compile the program of ``key``: the compiled function and the indices of
+        the parameters it returns gradients of; ``None`` (with the one warning, and ``key`` run
+        eagerly from then on) when ``reason`` or the capture refuses it."""
         if reason is None:
             try:
-                gm, inputs, signature = capture(
+                gm, inputs, signature, used = capture(
                     loss_fn, model, guide, names, args, kwargs, update, state
                 )
                 if validated is not None and signature != validated:
@@ -462,7 +467,7 @@ class _ProgramCache:
             return None
         if len(self.programs) >= MAX_PROGRAMS:
             self.programs.pop(next(iter(self.programs)))
-        return compile_graph(gm, inputs, self.compile_options)
+        return compile_graph(gm, inputs, self.compile_options), used
 
 
 class CompiledLoss(_ProgramCache):
@@ -506,12 +511,12 @@ class CompiledLoss(_ProgramCache):
         names = list(capture_params.trace.nodes)
         reason = objective._compile_refusal() or outer_handlers()
         validated = objective._validated
-        fn = self._compile(
+        compiled = self._compile(
             key, reason, objective._traced_loss, model, guide, names, args, kwargs, validated
         )
-        if fn is not None:
+        if compiled is not None:
             store = pyro.get_param_store()
-            self.programs[key] = _Program(fn, names, [store._params[n] for n in names])
+            self.programs[key] = _Program(*compiled, names, [store._params[n] for n in names])
         return value
 
     def _run(self, program, params, tensors, model, guide, args, kwargs) -> float:
@@ -521,7 +526,8 @@ class CompiledLoss(_ProgramCache):
         if self.objective.check_finite and not math.isfinite(value):
             torch.set_rng_state(state)
             self.objective._raise_non_finite(value, model, guide, args, kwargs)
-        for p, g in zip(params, out[1:], strict=True):
+        for i, g in zip(program.used, out[1:], strict=True):
+            p = params[i]
             if p.grad is None:
                 p.grad = g
             else:
@@ -670,7 +676,7 @@ class Step(_ProgramCache):
             update = adam_update(settings, guard=getattr(loss, "check_finite", True))
         loss_fn = getattr(loss, "_traced_loss", None) or functools.partial(traced_loss, loss)
         validated = getattr(loss, "_validated", None)
-        fn = self._compile(
+        compiled = self._compile(
             key,
             reason,
             loss_fn,
@@ -683,9 +689,9 @@ class Step(_ProgramCache):
             update,
             state or (),
         )
-        if fn is not None:
+        if compiled is not None:
             flat = None if state is None else flat_inputs(state)
-            self.programs[key] = (_Program(fn, names, params), state, flat)
+            self.programs[key] = (_Program(*compiled, names, params), state, flat)
         return value
 
     def _settings(self, param: torch.Tensor) -> tuple | None:
@@ -712,8 +718,8 @@ class Step(_ProgramCache):
             torch.set_rng_state(rng)
             self.loss._raise_non_finite(value, self.model, self.guide, args, kwargs)
         if state is None:  # compiled loss and gradient, the optimizer's own step
-            for p, g in zip(params, out[1:], strict=True):
-                p.grad = g
+            for i, g in zip(program.used, out[1:], strict=True):
+                params[i].grad = g
             self.optim(params)
             pyro.infer.util.zero_grads(set(params))
         return value
