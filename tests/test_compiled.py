@@ -55,6 +55,9 @@ def small_vae(dtype=torch.float64):
 
 MODELS = {"conjugate": conjugate, "vae": small_vae}
 
+#: The backend of tests about the mechanism rather than Inductor's numbers (seconds faster).
+AOT_EAGER = {"backend": "aot_eager"}
+
 
 def compile_count() -> int:
     """Programs the backend compiled (AOT Autograd's count, under Inductor's compile_fx)."""
@@ -188,7 +191,7 @@ def test_sequential_particles_fall_back_with_one_warning():
 def test_checkpoint_resume_is_exact(tmp_path):
     model, guide, x = conjugate()
     optim, objective = pyro.optim.Adam({"lr": 0.05}), IWAE(num_particles=4)
-    step = make_step(model, guide, optim, objective)
+    step = make_step(model, guide, optim, objective, compile_options=AOT_EAGER)
     for _ in range(3):
         step(x)
     path = checkpoint.save(tmp_path / "ckpt.pt", optim=optim, objective=objective)
@@ -197,7 +200,7 @@ def test_checkpoint_resume_is_exact(tmp_path):
     pyro.clear_param_store()
     optim, objective = pyro.optim.Adam({"lr": 0.05}), IWAE(num_particles=4)
     checkpoint.load(path, optim=optim, objective=objective)
-    step = make_step(model, guide, optim, objective)
+    step = make_step(model, guide, optim, objective, compile_options=AOT_EAGER)
     resumed = [step(x) for _ in range(3)]
     assert resumed == pytest.approx(straight, rel=1e-12, abs=1e-12)
 
@@ -225,7 +228,13 @@ def test_non_finite_loss_names_the_site_and_leaves_the_parameters():
             pyro.sample("z", dist.Normal(0.0, scale.abs() * 0 + scale))
 
     model, _, x = conjugate()
-    step = make_step(model, guide, pyro.optim.Adam({"lr": 0.05}), IWAE(num_particles=2))
+    step = make_step(
+        model,
+        guide,
+        pyro.optim.Adam({"lr": 0.05}),
+        IWAE(num_particles=2),
+        compile_options=AOT_EAGER,
+    )
     step(x)
     step(x)
     store = pyro.get_param_store()
