@@ -17,6 +17,8 @@ arguments and the values of the others, and the parameters read (names, shapes, 
 themselves). A model that cannot be traced once (its structure depends on sampled values,
 so tracing meets a data-dependent branch; the sequential-particle path; a parameter the
 trace cannot reach) runs eagerly, with one warning naming the reason.
+Tensors the model or guide reads from globals or closures (not arguments, not parameters)
+are constants of the program, as in Pyro's ``JitTrace_ELBO``: pass data as arguments.
 
 **Random numbers.** The graph draws its own noise on every call (traced random ops). With
 Inductor's ``fallback_random`` (``compile_options={"options": {"fallback_random": True}}``,
