@@ -51,13 +51,23 @@ __all__ = [
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "binarized_mnist" / "binarized_mnist.npz"
-METHODS = ("handwritten", "trace_elbo", "renyi", "iwae", "iwae-stl", "iwae-dreg", "bbalpha")
+METHODS = (
+    "handwritten",
+    "trace_elbo",
+    "renyi",
+    "iwae",
+    "iwae-stl",
+    "iwae-dreg",
+    "bbalpha",
+    "iwae-compiled",
+    "iwae-make-step",
+)
 DEFAULT_METHODS = ("handwritten", "trace_elbo", "renyi", "iwae", "iwae-dreg", "bbalpha")
 REFERENCE = "handwritten"
 BATCH_SIZE = 128
 LR = 1e-3
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
-_PYRO_FDIV_METHODS = ("iwae", "iwae-stl", "iwae-dreg", "bbalpha")
+_PYRO_FDIV_METHODS = ("iwae", "iwae-stl", "iwae-dreg", "bbalpha", "iwae-compiled", "iwae-make-step")
 
 Step = Callable[[], float]
 _IMPORT_NOTES: set[str] = set()
@@ -140,6 +150,9 @@ def _pyro_fdiv_objective(method: str, num_particles: int) -> pyro.infer.ELBO:
 
     if method == "bbalpha":
         return BlackBoxAlpha(alpha=0.5, num_particles=num_particles, max_plate_nesting=1)
+    if method in ("iwae-compiled", "iwae-make-step"):  # compile=True through SVI, or make_step
+        compile = method == "iwae-compiled"
+        return IWAE(num_particles=num_particles, max_plate_nesting=1, compile=compile)
     estimator = {"iwae": "reparam", "iwae-stl": "stl", "iwae-dreg": "dreg"}[method]
     return IWAE(num_particles=num_particles, gradient_estimator=estimator, max_plate_nesting=1)
 
@@ -159,6 +172,11 @@ def make_svi_step(
 ) -> Step:
     """A :class:`pyro.infer.SVI` step of ``vae`` with Pyro's Adam and the objective ``method``."""
     optim = pyro.optim.Adam({"lr": lr})
+    if method == "iwae-make-step":
+        from pyro_fdiv.inference import make_step as make_compiled_step
+
+        step = make_compiled_step(vae.model, vae.guide, optim, _objective(method, num_particles))
+        return lambda: step(x)
     svi = pyro.infer.SVI(vae.model, vae.guide, optim, loss=_objective(method, num_particles))
     return lambda: svi.step(x)
 

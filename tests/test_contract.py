@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from pyro_fdiv.inference import AVB, IWAE, JSA, BlackBoxAlpha, FDivergenceBound, FGANBound
+from pyro_fdiv.inference.compiled import CompiledLoss
+from pyro_fdiv.inference.objective import ImportanceObjective
 
 
 def target():
@@ -259,3 +261,34 @@ def test_bad_guide_raises_naming_the_problem(name, net):
 def test_bad_num_particles_raise(cls, bad):
     with pytest.raises(ValueError, match=r"num_particles to be an integer >= 1"):
         CLASSES[cls](num_particles=bad)
+
+
+COMPILED = [name for name in OBJECTIVES if isinstance(OBJECTIVES[name](1), ImportanceObjective)]
+
+
+@pytest.mark.parametrize("name", COMPILED)
+def test_compiled_step_equals_eager(name, net):
+    """``compile=True`` (the shared mechanism of ImportanceObjective): SVI steps equal the eager
+    ones on the same draws, every parameter moves, the objective still pickles. Each program is
+    compiled by ``aot_eager`` here (the capture is what this contract is about; Inductor's
+    numbers are tested in test_compiled.py)."""
+    runs = []
+    for compile in (False, True):
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        model = Model().double()
+        objective = OBJECTIVES[name](3)
+        if compile:  # what compile=True, compile_options={"backend": "aot_eager"} builds
+            objective._compiled = CompiledLoss(objective, {"backend": "aot_eager"})
+        svi = pyro.infer.SVI(model.model, model.guide, pyro.optim.Adam({"lr": 0.01}), objective)
+        pyro.set_rng_seed(1)
+        losses = [svi.step(X) for _ in range(3)]
+        store = pyro.get_param_store()
+        runs.append((losses, {k: v.detach().clone() for k, v in store._params.items()}))
+    (eager, eager_params), (compiled, compiled_params) = runs
+    assert compiled == pytest.approx(eager, rel=1e-10, abs=1e-10)
+    for key, value in eager_params.items():
+        torch.testing.assert_close(compiled_params[key], value, rtol=1e-10, atol=1e-10)
+    assert objective._compiled.programs
+    copy = pickle.loads(pickle.dumps(objective))
+    assert copy._compiled is not None and not copy._compiled.programs

@@ -2,6 +2,7 @@
 
 from pyro_fdiv.inference.avb import AVB, Discriminator
 from pyro_fdiv.inference.black_box_alpha import BlackBoxAlpha
+from pyro_fdiv.inference.compiled import make_step
 from pyro_fdiv.inference.fdiv_bound import FDivergenceBound
 from pyro_fdiv.inference.fgan import FGANBound
 from pyro_fdiv.inference.implicit import AutoImplicit, Implicit, implicit_sample
@@ -36,4 +37,5 @@ __all__ = [
     "implicit_sample",
     "importance_resample",
     "importance_trace",
+    "make_step",
 ]

@@ -13,11 +13,13 @@ from pyro.infer.elbo import ELBO
 from pyro.infer.util import is_validation_enabled
 
 from pyro_fdiv.checkpoint import get_rng_state, set_rng_state
+from pyro_fdiv.inference.compiled import CompiledLoss
 from pyro_fdiv.inference.importance import (
     LogWeights,
     checked_value,
     guess_max_plate_nesting,
     importance_trace,
+    raise_non_finite,
     sample_sites,
     trace_signature,
 )
@@ -178,6 +180,16 @@ class ImportanceObjective(ELBO):
         (:func:`~pyro_fdiv.inference.importance.raise_non_finite`); when ``False`` there is no
         check: a non-finite loss is returned (and back-propagated) as is, and
         :meth:`differentiable_loss` never synchronizes with the device.
+    :param bool compile: when ``True``, :meth:`loss_and_grads` (what ``SVI.step`` calls) runs
+        the model and guide's Python once and then one compiled program of loss and gradient
+        (:class:`~pyro_fdiv.inference.compiled.CompiledLoss`): the first step for each argument
+        shape is eager and validated, the program is traced after it and compiled on the next
+        call; models whose structure depends on sampled values, and sequential particles, stay
+        eager with one warning. :meth:`loss` and :meth:`differentiable_loss` stay eager. For
+        the optimizer inside the program as well, use
+        :func:`~pyro_fdiv.inference.make_step`.
+    :param dict compile_options: keyword arguments of ``torch.compile`` (default
+        ``{"options": {"fallback_random": True}}``: the same draws as the eager step).
     """
 
     #: The ``global_latents`` estimators this objective offers (the first is the default).
@@ -194,8 +206,14 @@ class ImportanceObjective(ELBO):
         check_finite: bool = True,
         global_latents: str | None = None,
         num_local_particles: int = 1,
+        compile: bool = False,
+        compile_options: dict | None = None,
     ):
         num_particles = check_num_particles(num_particles)
+        check_flag("compile", compile)
+        if compile_options is not None and not isinstance(compile_options, dict):
+            raise TypeError(f"Expected compile_options to be a dict, actual {compile_options!r}")
+        self._compiled = CompiledLoss(self, compile_options) if compile else None
         self.check_finite = check_flag("check_finite", check_finite)
         if validation not in ("first", "always"):
             raise ValueError(f"Expected validation in ('first', 'always'), actual {validation!r}")
@@ -377,11 +395,37 @@ class ImportanceObjective(ELBO):
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         """
-        Compute :meth:`loss` and back-propagate the estimator into every parameter.
+        Compute :meth:`loss` and back-propagate the estimator into every parameter (with
+        ``compile=True``: from the compiled program, writing the gradients into the
+        unconstrained parameters' ``.grad``).
 
         :raises ValueError: naming the sites involved if the loss is not finite (with
             ``check_finite``).
         """
+        if self._compiled is not None:
+            return self._compiled.loss_and_grads(model, guide, args, kwargs)
+        return self._eager_loss_and_grads(model, guide, args, kwargs)
+
+    def _traced_loss(self, model, guide, args, kwargs) -> tuple[torch.Tensor, tuple]:
+        """The differentiable loss without its finite check, and the sample sites'
+        signature: what the compiled program captures."""
+        weights = self._log_weights(model, guide, args, kwargs, differentiable=True)
+        return -self._total(weights, differentiable=True), trace_signature(weights)
+
+    def _compile_refusal(self) -> str | None:
+        """Why the step cannot be one traced program (after an eager step), or ``None``."""
+        if self.num_particles > 1 and self._vectorize is False:
+            return "the particles run one after another (the sequential-particle path)"
+        return None
+
+    def _raise_non_finite(self, value: float, model, guide, args, kwargs) -> None:
+        """Re-run the step's draw eagerly to name the sites of a non-finite compiled loss."""
+        with torch.no_grad():
+            weights = self._log_weights(model, guide, args, kwargs)
+            self._checked(-self._total(weights, differentiable=False), weights)
+        raise_non_finite(value, type(self).__name__, weights)
+
+    def _eager_loss_and_grads(self, model, guide, args, kwargs) -> float:
         weights = self._log_weights(model, guide, args, kwargs, differentiable=True)
         loss = -self._total(weights, differentiable=True)
         value = self._checked(loss, weights)

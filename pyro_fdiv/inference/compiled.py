@@ -1,0 +1,763 @@
+r"""
+Compiled steps: the model and guide traced once into one graph of tensor ops, compiled by
+Inductor.
+
+How a step is captured (:class:`CompiledLoss`, :func:`make_step`)::
+
+    first step (and whenever the key changes) ─▶ eager, validated: creates lazy parameters,
+        decides max_plate_nesting and the particle path, records the parameters it reads
+    then once ─▶ make_fx(tracing_mode="fake") of loss(unconstrained params, tensor args):
+        Pyro's handlers run once on fake tensors (validation off), pyro.param and the modules'
+        parameters read the function's inputs, torch.autograd.grad adds the backward ops
+        (and any gradient hooks, e.g. DReG's) to the same graph; make_step adds Adam
+    then every step ─▶ that graph compiled by Inductor (``compile_fx``): no Pyro Python runs
+
+The key of a program is the model and guide, the shapes, dtypes and devices of the tensor
+arguments and the values of the others, and the parameters read (names, shapes, the tensors
+themselves). A model that cannot be traced once (its structure depends on sampled values,
+so tracing meets a data-dependent branch; the sequential-particle path; a parameter the
+trace cannot reach) runs eagerly, with one warning naming the reason.
+Tensors the model or guide reads from globals or closures (not arguments, not parameters)
+are constants of the program, as in Pyro's ``JitTrace_ELBO``: pass data as arguments.
+
+**Random numbers.** The graph draws its own noise on every call (traced random ops). With
+Inductor's ``fallback_random`` (``compile_options={"options": {"fallback_random": True}}``,
+the default here) it calls the same ATen random ops on the global generator, in the order the
+eager run calls them, so a compiled step draws what the eager step draws after the same seed
+(the equality tests rely on it; exact resumes from checkpoints do too);
+``{"options": {"fallback_random": False}}`` uses Inductor's own generator (seeded from the
+global one: reproducible under ``pyro.set_rng_seed``, but other draws).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import SVI
+from pyro.optim import PyroOptim
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import _PYRO_STACK
+from torch.distributions import transform_to
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils import _pytree
+
+from pyro_fdiv.checkpoint import get_rng_state, set_rng_state
+
+__all__ = ["CompiledLoss", "Step", "TraceFailure", "make_step"]
+
+#: Options passed to ``torch.compile`` unless overridden by ``compile_options``.
+DEFAULT_OPTIONS: dict[str, Any] = {"options": {"fallback_random": True}}
+
+
+#: Most programs kept per objective or step (one per key: argument shapes, parameters, ...).
+MAX_PROGRAMS = 8
+
+
+class TraceFailure(Exception):
+    """The loss cannot be captured as one graph; the message says why."""
+
+
+class _Substitute(Messenger):
+    """Answer ``pyro.param`` with the traced function's inputs (constrained as in the store)."""
+
+    def __init__(self, values: dict[str, torch.Tensor]):
+        super().__init__()
+        self.values = values
+        self.store = pyro.get_param_store()
+
+    def _pyro_param(self, msg: dict) -> None:
+        value = self.values.get(msg["name"])
+        if value is not None:
+            constrained = transform_to(self.store._constraints[msg["name"]])(value)
+            msg["value"], msg["done"] = constrained, True
+
+
+def _modules(*fns: Any) -> list[torch.nn.Module]:
+    """The ``nn.Module``\\ s a model or guide is, is a method or ``partial`` of, or names in
+    its closure or among the globals its code reads (where Pyro's examples keep their
+    networks). Parameters read through anything else are found frozen in the trace
+    (:func:`_leaked_parameters`), and the step stays eager."""
+    found = []
+    for fn in fns:
+        while isinstance(fn, functools.partial):
+            fn = fn.func
+        candidates = [fn, getattr(fn, "__self__", None)]
+        code_fn = getattr(fn, "__func__", fn)
+        code = getattr(code_fn, "__code__", None)
+        if code is not None:
+            candidates += [
+                cell.cell_contents for cell in code_fn.__closure__ or () if _filled(cell)
+            ]
+            globals_ = getattr(code_fn, "__globals__", {})
+            candidates += [globals_[name] for name in code.co_names if name in globals_]
+        found += [c for c in candidates if isinstance(c, torch.nn.Module)]
+    return found
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018  (an empty cell raises)
+    except ValueError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _swapped(slots: list[tuple[torch.nn.Module, str]], values: list[torch.Tensor]) -> Iterator:
+    """Temporarily put ``values`` in the modules' parameter slots (``functional_call``'s
+    mechanism)."""
+    saved = [module._parameters[name] for module, name in slots]
+    try:
+        for (module, name), value in zip(slots, values, strict=True):
+            module._parameters[name] = value
+        yield
+    finally:
+        for (module, name), value in zip(slots, saved, strict=True):
+            module._parameters[name] = value
+
+
+def _module_slots(fns: tuple, params: list[torch.Tensor]) -> list[tuple[int, torch.nn.Module, str]]:
+    """``(index in params, module, name)`` of every module slot holding one of ``params``."""
+    index = {id(p): i for i, p in enumerate(params)}
+    slots, seen = [], set()
+    for root in _modules(*fns):
+        for module in root.modules():
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            for name, value in module._parameters.items():
+                if value is not None and id(value) in index:
+                    slots.append((index[id(value)], module, name))
+    return slots
+
+
+def split_arguments(args: tuple, kwargs: dict) -> tuple[list[torch.Tensor], Any, tuple]:
+    """The tensors among ``args`` and ``kwargs``, a function rebuilding them from new tensors,
+    and the key of everything else (tensor shapes, dtypes and devices; other values, or their
+    identity where they are not hashable)."""
+    if not kwargs and all(isinstance(a, torch.Tensor) for a in args):  # the common case, fast
+        key = tuple((a.shape, a.stride(), a.dtype, a.device, a.requires_grad) for a in args)
+        return list(args), lambda new: (tuple(new), {}), ("tensors", *key)
+    leaves, spec = _pytree.tree_flatten((args, kwargs))
+    tensors, key = [], [spec]
+    positions = []
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor):
+            tensors.append(leaf)
+            positions.append(i)
+            key.append((leaf.shape, leaf.stride(), leaf.dtype, leaf.device, leaf.requires_grad))
+        else:
+            try:
+                hash(leaf)
+                key.append((type(leaf), leaf))
+            except TypeError:
+                key.append((type(leaf), id(leaf)))
+
+    def rebuild(new: list[torch.Tensor]) -> tuple[tuple, dict]:
+        out = list(leaves)
+        for i, value in zip(positions, new, strict=True):
+            out[i] = value
+        return _pytree.tree_unflatten(out, spec)
+
+    return tensors, rebuild, tuple(key)
+
+
+def traced_loss(objective, model, guide, args: tuple, kwargs: dict) -> tuple[torch.Tensor, Any]:
+    """The differentiable loss and a signature of the sample sites, as the traced program
+    computes them: the objective's own ``_traced_loss`` where it has one, else its
+    ``differentiable_loss``."""
+    own = getattr(objective, "_traced_loss", None)
+    if own is not None:
+        return own(model, guide, args, kwargs)
+    return objective.differentiable_loss(model, guide, *args, **kwargs), None
+
+
+@contextlib.contextmanager
+def _tracing() -> Iterator:
+    """Validation off (Pyro's and ``torch.distributions``' defaults), restored after; the
+    random state is left untouched."""
+    default = torch.distributions.Distribution._validate_args
+    state = get_rng_state()
+    outer = list(_PYRO_STACK)  # e.g. SVI's parameter capture: it must not record fake tensors
+    del _PYRO_STACK[:]
+    try:
+        with pyro.validation_enabled(False):
+            torch.distributions.Distribution.set_default_validate_args(False)
+            yield
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(default)
+        set_rng_state(state)
+        _PYRO_STACK[:] = outer
+
+
+def capture(
+    loss_fn: Callable,
+    model: Callable,
+    guide: Callable,
+    names: list[str],
+    args: tuple,
+    kwargs: dict,
+    update: Callable | None = None,
+    state: list[torch.Tensor] = (),
+) -> tuple[torch.fx.GraphModule, Any]:
+    """
+    Trace ``loss_fn(model, guide, args, kwargs) -> (loss, signature)`` and its gradient in the
+    unconstrained parameters ``names`` into one FX graph of ATen ops
+    ``(params..., state..., tensor args...) -> (loss, grads of the used parameters...)``; with
+    ``update``,
+    ``update(params, grads, state)`` runs after the gradient in the same graph (the optimizer
+    step, writing into ``params`` and ``state``) and the graph returns ``(loss,)``.
+
+    :returns: the graph, example inputs (the flat parameters and state, the tensor
+        arguments), the signature ``loss_fn`` returned while tracing, and the indices of the
+        parameters the loss depends on (the others get no gradient: eager ``backward`` leaves
+        their ``.grad`` as it was, so an optimizer skips or steps them as it would eagerly).
+    :raises TraceFailure: when the loss cannot be one graph (a data-dependent branch, a
+        parameter read outside ``pyro.param`` and the modules of model and guide).
+    """
+    store = pyro.get_param_store()
+    params = [store._params[name] for name in names]
+    slots = _module_slots((model, guide), params)
+    tensors, rebuild, _ = split_arguments(args, kwargs)
+    num_params, num_state = len(params), len(state)
+    signature = []
+
+    shapes = [p.shape for p in params] + [t.shape for t in state]
+    if not all(t.is_contiguous() for t in (*params, *state)):
+        raise TraceFailure("a parameter or optimizer state tensor is not contiguous")
+
+    def program(*inputs):
+        # parameters and state arrive flat (Inductor drops in-place writes to 0-dim inputs)
+        flat = inputs[: num_params + num_state]
+        raw = [x.view(shape) for x, shape in zip(flat, shapes, strict=True)]
+        leaves = [p.detach().requires_grad_() for p in raw[:num_params]]
+        new_args, new_kwargs = rebuild(list(inputs[num_params + num_state :]))
+        swap = _swapped([(m, n) for _, m, n in slots], [leaves[i] for i, _, _ in slots])
+        with _Substitute(dict(zip(names, leaves, strict=True))), swap:
+            loss, sig = loss_fn(model, guide, new_args, new_kwargs)
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        signature.append((sig, [i for i, g in enumerate(grads) if g is not None]))
+        if update is None:  # the gradients of the parameters the loss depends on
+            return (loss.detach(), *[g for g in grads if g is not None])
+        grads = [
+            torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads, strict=True)
+        ]
+        new = update(raw[:num_params], grads, raw[num_params:], loss.detach())
+        for target, value in zip(flat, new, strict=True):
+            target.copy_(value.reshape(-1))
+        return (loss.detach(),)
+
+    inputs = [*flat_inputs(params), *flat_inputs(state), *tensors]
+    with _tracing(), quiet_compile():
+        try:
+            gm = make_fx(program, tracing_mode="fake", _allow_non_fake_inputs=True)(*inputs)
+        except Exception as error:  # any failure to trace means: run eagerly
+            raise TraceFailure(f"{type(error).__name__}: {_first_line(error)}") from error
+    leaked = _leaked_parameters(gm, store)
+    if leaked:
+        raise TraceFailure(
+            f"the parameters {leaked} are read outside pyro.param and the modules of the model "
+            "and guide, so the trace would freeze them"
+        )
+    sig, used = signature[0]
+    return gm, inputs, sig, used
+
+
+def outer_handlers() -> str | None:
+    """Why the Pyro handlers around the step keep it eager (a compiled program runs none of
+    them; only parameter-capturing traces such as ``SVI.step``'s are reproduced), or
+    ``None``."""
+    others = [
+        type(m).__name__
+        for m in _PYRO_STACK
+        if not (isinstance(m, poutine.trace_messenger.TraceMessenger) and m.param_only)
+    ]
+    return f"it runs inside the Pyro handlers {others}" if others else None
+
+
+def flat_inputs(tensors) -> list[torch.Tensor]:
+    """Detached flat views (the same storage) of contiguous tensors: the compiled program's
+    inputs that it writes in place."""
+    return [t.detach().view(-1) for t in tensors]
+
+
+def record_params(names: list[str]) -> None:
+    """Record the parameter sites ``names`` in the parameter-only traces on Pyro's stack (what
+    ``pyro.param`` would record, at a sixth of its cost: ``SVI.step`` reads them)."""
+    store = pyro.get_param_store()
+    for name in names:
+        value = store[name]
+        msg = {
+            "type": "param",
+            "name": name,
+            "fn": store.get_param,
+            "is_observed": False,
+            "args": (name,),
+            "kwargs": {"constraint": store._constraints[name], "event_dim": None},
+            "value": value,
+            "scale": 1.0,
+            "mask": None,
+            "cond_indep_stack": (),
+            "done": True,
+            "stop": False,
+            "continuation": None,
+            "infer": {},
+        }
+        for messenger in _PYRO_STACK:
+            if isinstance(messenger, poutine.trace_messenger.TraceMessenger):
+                messenger.trace.add_node(name, **msg)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def _leaked_parameters(gm: torch.fx.GraphModule, store) -> list[str]:
+    """Names of parameters the graph holds as constants (read around the substitution)."""
+    params = {id(p): name for name, p in store._params.items()}
+    leaked = []
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            value = getattr(gm, node.target)
+            if isinstance(value, torch.Tensor) and (id(value) in params or value.requires_grad):
+                leaked.append(params.get(id(value), node.target))
+    return leaked
+
+
+#: Warnings that tracing, importing and running Inductor raise and that are understood: torch's
+#: own modules still define TorchScript classes (``torch.utils.mkldnn``) at import, and some
+#: of its meta kernels (e.g. of ``AutoMultivariateNormal``'s triangular ops) still call the
+#: deprecated ``torch._prims_common.check``.
+COMPILE_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
+    (DeprecationWarning, r"`torch\.jit\.script_method` is deprecated"),
+    (DeprecationWarning, r"`torch\.jit\.script` is deprecated"),
+    (FutureWarning, r"`torch\._prims_common\.check` is deprecated"),
+)
+
+
+@contextlib.contextmanager
+def quiet_compile() -> Iterator:
+    """Silence :data:`COMPILE_WARNINGS` (only those) while Inductor is imported or compiles."""
+    with warnings.catch_warnings():
+        for category, message in COMPILE_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        yield
+
+
+def compile_graph(
+    gm: torch.fx.GraphModule, inputs: list[torch.Tensor], compile_options: dict | None
+) -> Callable:
+    """
+    Compile a captured graph for ``inputs``' shapes, dtypes and strides.
+
+    With Inductor (the default backend) the graph goes to Inductor's ``compile_fx`` directly,
+    without Dynamo: the program's key already fixes what Dynamo's guards would check, and
+    skipping them halves a small step (Dynamo's guards and frame handling cost ≈ 75 µs per
+    call on a 36-input step of Eight Schools). ``compile_options`` take ``torch.compile``'s
+    keywords: ``options`` (Inductor's configuration, over :data:`DEFAULT_OPTIONS`), ``mode``,
+    and ``backend``; another backend goes through ``torch.compile(gm, dynamic=False, ...)``.
+    Inductor compiles here, before the first call.
+    """
+    options = dict(compile_options or {})
+    backend = options.pop("backend", "inductor")
+    if backend != "inductor":
+        with quiet_compile():
+            return torch.compile(gm, backend=backend, **{"dynamic": False, **options})
+    patches = dict(DEFAULT_OPTIONS["options"])
+    mode = options.pop("mode", None)
+    if mode is not None:
+        patches.update(torch._inductor.list_mode_options(mode))
+    patches.update(options.pop("options", None) or {})
+    options.pop("dynamic", None)
+    options.pop("fullgraph", None)  # the captured graph is always one graph
+    if options:
+        raise TypeError(
+            f"Expected compile_options among backend, mode, options, dynamic, fullgraph; "
+            f"actual {sorted(options)}"
+        )
+    with quiet_compile():
+        from torch._inductor.compile_fx import compile_fx  # its import defines TorchScript
+
+        return compile_fx(gm, inputs, config_patches=patches)
+
+
+def _warn_eager(owner: str, reason: str) -> None:
+    warnings.warn(
+        f"{owner}: compile=True falls back to the eager step for these arguments: {reason}.",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
+class _Program:
+    """One compiled graph and what it was captured with."""
+
+    def __init__(self, fn: Callable, used: list[int], names: list[str], params: list[torch.Tensor]):
+        self.compiled, self.used, self.names, self.params = fn, used, names, params
+        self.flat = flat_inputs(params)  # the same storage, written in place
+        self.store = pyro.get_param_store()
+        self.fn = self._first_call
+
+    def _first_call(self, *inputs):
+        with quiet_compile():  # Inductor compiles on the first call
+            out = self.compiled(*inputs)
+        self.fn = self.compiled
+        return out
+
+    def current(self) -> list[torch.Tensor] | None:
+        """The parameters to pass, or ``None`` when the store holds other tensors now."""
+        params = self.store._params
+        try:
+            current = [params[name] for name in self.names]
+        except KeyError:
+            return None
+        if any(p is not q for p, q in zip(current, self.params, strict=True)):
+            return None
+        return current
+
+
+class _ProgramCache:
+    """Programs by key, the keys that run eagerly, and the one warning: what
+    :class:`CompiledLoss` and :class:`Step` share."""
+
+    def __init__(self, owner: str, compile_options: dict | None):
+        self.owner, self.compile_options = owner, compile_options
+        self.programs: dict[tuple, Any] = {}
+        self.eager_keys: set[tuple] = set()
+        self.warned = False
+
+    def _compile(
+        self,
+        key,
+        reason,
+        loss_fn,
+        model,
+        guide,
+        names,
+        args,
+        kwargs,
+        validated,
+        update=None,
+        state=(),
+    ) -> tuple[Callable, list[int]] | None:
+        """Capture and compile the program of ``key``: the compiled function and the indices of
+        the parameters it returns gradients of; ``None`` (with the one warning, and ``key`` run
+        eagerly from then on) when ``reason`` or the capture refuses it."""
+        if reason is None:
+            try:
+                gm, inputs, signature, used = capture(
+                    loss_fn, model, guide, names, args, kwargs, update, state
+                )
+                if validated is not None and signature != validated:
+                    reason = "the traced sample sites differ from the eager run's"
+            except TraceFailure as error:
+                reason = f"it cannot be traced once ({error})"
+        if reason is not None:
+            if not self.warned:
+                self.warned = True
+                _warn_eager(self.owner, reason)
+            self.eager_keys.add(key)
+            return None
+        if len(self.programs) >= MAX_PROGRAMS:
+            self.programs.pop(next(iter(self.programs)))
+        return compile_graph(gm, inputs, self.compile_options), used
+
+
+class CompiledLoss(_ProgramCache):
+    """
+    The compiled ``loss_and_grads`` of an objective (``compile=True``): loss and gradient of
+    the unconstrained parameters from one compiled graph per key; see the module docstring.
+
+    :param objective: the objective; it provides ``_eager_loss_and_grads``, ``_traced_loss``,
+        ``_compile_refusal`` and ``_raise_non_finite``.
+    :param dict compile_options: keyword arguments of ``torch.compile``.
+    """
+
+    def __init__(self, objective, compile_options: dict | None = None):
+        super().__init__(type(objective).__name__, compile_options)
+        self.objective = objective
+
+    def __getstate__(self) -> dict:
+        # compiled programs are not pickled (nor checkpointed): a copy captures its own
+        return {**self.__dict__, "programs": {}, "eager_keys": set(), "warned": False}
+
+    def loss_and_grads(self, model, guide, args: tuple, kwargs: dict) -> float:
+        if _PYRO_STACK and outer_handlers() is not None:  # handlers the program would skip
+            return self.objective._eager_loss_and_grads(model, guide, args, kwargs)
+        tensors, _, arg_key = split_arguments(args, kwargs)
+        key = (model, guide, arg_key)
+        program = self.programs.get(key)
+        if program is not None:
+            params = program.current()
+            if params is not None:
+                return self._run(program, params, tensors, model, guide, args, kwargs)
+            del self.programs[key]  # other parameter tensors: capture again
+        elif key in self.eager_keys:
+            return self.objective._eager_loss_and_grads(model, guide, args, kwargs)
+        return self._first(key, model, guide, args, kwargs)
+
+    def _first(self, key, model, guide, args, kwargs) -> float:
+        objective = self.objective
+        objective._validated = None  # a new program: validate its first step
+        with poutine.trace(param_only=True) as capture_params:
+            value = objective._eager_loss_and_grads(model, guide, args, kwargs)
+        names = list(capture_params.trace.nodes)
+        reason = objective._compile_refusal() or outer_handlers()
+        validated = objective._validated
+        compiled = self._compile(
+            key, reason, objective._traced_loss, model, guide, names, args, kwargs, validated
+        )
+        if compiled is not None:
+            store = pyro.get_param_store()
+            self.programs[key] = _Program(*compiled, names, [store._params[n] for n in names])
+        return value
+
+    def _run(self, program, params, tensors, model, guide, args, kwargs) -> float:
+        state = torch.get_rng_state()
+        out = program.fn(*program.flat, *tensors)
+        value = out[0].item()
+        if self.objective.check_finite and not math.isfinite(value):
+            torch.set_rng_state(state)
+            self.objective._raise_non_finite(value, model, guide, args, kwargs)
+        for i, g in zip(program.used, out[1:], strict=True):
+            p = params[i]
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g)
+        if _PYRO_STACK:  # SVI's parameter capture: record the parameters read
+            record_params(program.names)
+        return value
+
+
+@contextlib.contextmanager
+def eager(objective) -> Iterator:
+    """Run ``objective`` without its own compiled path (``compile=True``) for a while."""
+    compiled = getattr(objective, "_compiled", None)
+    if compiled is None:
+        yield
+        return
+    objective._compiled = None
+    try:
+        yield
+    finally:
+        objective._compiled = compiled
+
+
+ADAM_DEFAULTS = {"amsgrad": False, "maximize": False, "decoupled_weight_decay": False}
+
+
+def _adam_settings(optimizer: torch.optim.Optimizer) -> tuple | None:
+    """``(lr, beta1, beta2, eps, weight_decay)`` of a one-parameter ``torch.optim.Adam`` whose
+    update the compiled step reproduces, else ``None``."""
+    if type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) != 1:
+        return None
+    group = optimizer.param_groups[0]
+    for option, value in ADAM_DEFAULTS.items():
+        if group.get(option, value) != value:
+            return None
+    if any(isinstance(group[k], torch.Tensor) for k in ("lr", "betas", "eps", "weight_decay")):
+        return None
+    beta1, beta2 = group["betas"]
+    return (
+        float(group["lr"]),
+        float(beta1),
+        float(beta2),
+        float(group["eps"]),
+        float(group["weight_decay"]),
+    )
+
+
+def adam_update(settings: list[tuple], guard: bool) -> Callable:
+    """The functional update of :class:`torch.optim.Adam` (its single-tensor path, the same
+    operations in the same order) over ``params`` and the flat ``state``
+    ``[step, exp_avg, exp_avg_sq] * len(params)``, writing in place; with ``guard``, nothing
+    changes when the loss is not finite (as an eager step raises before its update)."""
+
+    def update(params, grads, state, loss):
+        finite = torch.isfinite(loss) if guard else None
+        new_params, new_state = [], []
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            lr, beta1, beta2, eps, weight_decay = settings[i]
+            step, exp_avg, exp_avg_sq = state[3 * i : 3 * i + 3]
+            if weight_decay != 0:
+                g = g.add(p, alpha=weight_decay)
+            new_step = step + 1
+            new_avg = exp_avg.lerp(g, 1 - beta1)
+            new_sq = exp_avg_sq.mul(beta2).addcmul(g, g, value=1 - beta2)
+            t = new_step.to(torch.float64)
+            bias_correction1 = 1 - beta1**t
+            bias_correction2_sqrt = (1 - beta2**t).sqrt()
+            step_size = (lr / bias_correction1).to(p.dtype)
+            denom = (new_sq.sqrt() / bias_correction2_sqrt.to(p.dtype)).add(eps)
+            new_p = p - step_size * new_avg / denom
+            new = [new_p, new_step, new_avg, new_sq]
+            if guard:
+                old = [p, step, exp_avg, exp_avg_sq]
+                new = [torch.where(finite, a, b) for a, b in zip(new, old, strict=True)]
+            new_params.append(new[0])
+            new_state += new[1:]
+        return new_params + new_state
+
+    return update
+
+
+class Step(_ProgramCache):
+    """
+    A training step with :class:`~pyro.infer.SVI`'s arguments whose loss, gradient and Adam
+    update are one compiled program; made by :func:`make_step`.
+
+    ``step(*args, **kwargs)`` returns the loss as a float, as ``SVI.step`` does. The
+    parameters stay in Pyro's param store and the Adam state in ``optim``'s per-parameter
+    ``torch.optim.Adam`` objects (the compiled program updates their ``step``, ``exp_avg``
+    and ``exp_avg_sq`` tensors in place), so ``optim.get_state()``, checkpoints, ``Predictive``
+    and a later ``SVI`` see both. The first step for each key (see the module docstring) is an
+    eager ``SVI.step``, which creates the parameters and the optimizer state; the program is
+    captured after it and compiled on the next call.
+
+    :ivar svi: the :class:`~pyro.infer.SVI` behind the eager steps.
+    """
+
+    def __init__(
+        self,
+        model,
+        guide,
+        optim: PyroOptim,
+        loss,
+        compile: bool = True,
+        compile_options: dict | None = None,
+    ):
+        if not isinstance(optim, PyroOptim):
+            raise TypeError(f"Expected optim to be a pyro.optim.PyroOptim, actual {type(optim)}")
+        self.model, self.guide, self.optim, self.loss = model, guide, optim, loss
+        self.svi = SVI(model, guide, optim, loss)
+        self.compile = compile
+        super().__init__("make_step", compile_options)
+
+    def __call__(self, *args, **kwargs) -> float:
+        if not self.compile:
+            return self.svi.step(*args, **kwargs)
+        tensors, _, key = split_arguments(args, kwargs)
+        entry = self.programs.get(key)
+        if entry is not None:
+            program, state, state_flat = entry
+            params = program.current()
+            if params is not None and (state is None or self._state_current(params, state)):
+                return self._run(program, params, state_flat, tensors, args, kwargs)
+            del self.programs[key]
+        elif key in self.eager_keys:
+            return self.svi.step(*args, **kwargs)
+        return self._first(key, args, kwargs)
+
+    def _first(self, key, args, kwargs) -> float:
+        loss = self.loss
+        if hasattr(loss, "_validated"):
+            loss._validated = None
+        with eager(loss), poutine.trace(param_only=True) as capture_params:
+            value = self.svi.step(*args, **kwargs)
+        names = list(capture_params.trace.nodes)
+        store = pyro.get_param_store()
+        params = [store._params[n] for n in names]
+        reason = getattr(loss, "_compile_refusal", lambda: None)() or outer_handlers()
+        state = update = None
+        settings = [self._settings(p) for p in params] if not self.optim.pt_clip_args else None
+        if settings is not None and all(s is not None for s in settings):
+            state = []
+            for p in params:
+                slot = self.optim.optim_objs[p].state[p]
+                state += [slot["step"], slot["exp_avg"], slot["exp_avg_sq"]]
+            update = adam_update(settings, guard=getattr(loss, "check_finite", True))
+        loss_fn = getattr(loss, "_traced_loss", None) or functools.partial(traced_loss, loss)
+        validated = getattr(loss, "_validated", None)
+        compiled = self._compile(
+            key,
+            reason,
+            loss_fn,
+            self.model,
+            self.guide,
+            names,
+            args,
+            kwargs,
+            validated,
+            update,
+            state or (),
+        )
+        if compiled is not None:
+            flat = None if state is None else flat_inputs(state)
+            self.programs[key] = (_Program(*compiled, names, params), state, flat)
+        return value
+
+    def _settings(self, param: torch.Tensor) -> tuple | None:
+        optimizer = self.optim.optim_objs.get(param)
+        if optimizer is None or param not in optimizer.state:
+            return None
+        return _adam_settings(optimizer)
+
+    def _state_current(self, params, state) -> bool:
+        """The optimizers still hold the state tensors the program writes (a restored
+        ``optim.set_state`` replaces them)."""
+        for i, p in enumerate(params):
+            optimizer = self.optim.optim_objs.get(p)
+            slot = optimizer.state.get(p) if optimizer is not None else None
+            if slot is None or slot.get("exp_avg") is not state[3 * i + 1]:
+                return False
+        return True
+
+    def _run(self, program, params, state, tensors, args, kwargs) -> float:
+        rng = torch.get_rng_state()
+        out = program.fn(*program.flat, *(state or ()), *tensors)
+        value = out[0].item()
+        if getattr(self.loss, "check_finite", False) and not math.isfinite(value):
+            torch.set_rng_state(rng)
+            self.loss._raise_non_finite(value, self.model, self.guide, args, kwargs)
+        if state is None:  # compiled loss and gradient, the optimizer's own step
+            for i, g in zip(program.used, out[1:], strict=True):
+                params[i].grad = g
+            self.optim(params)
+            pyro.infer.util.zero_grads(set(params))
+        return value
+
+
+def make_step(
+    model: Callable,
+    guide: Callable,
+    optim: PyroOptim,
+    loss,
+    compile: bool = True,
+    compile_options: dict | None = None,
+) -> Step:
+    r"""
+    A training step with :class:`~pyro.infer.SVI`'s arguments, compiled whole: loss, gradient
+    and the Adam update in one program (see :class:`Step`).
+
+    Example::
+
+        step = make_step(model, guide, pyro.optim.Adam({"lr": 0.01}), IWAE(num_particles=8))
+        for _ in range(1000):
+            loss = step(data)
+
+    With ``pyro.optim.Adam`` (any per-parameter arguments; no ``amsgrad``, ``maximize`` or
+    ``clip_args``) the update is compiled; with another optimizer the loss and gradient are
+    compiled and ``optim`` steps eagerly. ``compile=False`` is ``SVI(...).step``.
+
+    :param model: the model.
+    :param guide: the guide.
+    :param optim: a ``pyro.optim`` optimizer, as ``SVI`` takes.
+    :param loss: the objective (any with ``differentiable_loss``; the objectives of
+        :class:`~pyro_fdiv.inference.ImportanceObjective` are traced without their finite
+        check, which runs on the compiled loss instead).
+    :param bool compile: compile the step (default) or run ``SVI.step``.
+    :param dict compile_options: keyword arguments of ``torch.compile``; by default
+        ``{"options": {"fallback_random": True}}`` (draws equal to eager ones; see the module
+        docstring).
+    """
+    return Step(model, guide, optim, loss, compile=compile, compile_options=compile_options)

@@ -1,0 +1,383 @@
+"""Compiled objectives (``compile=True``) and ``make_step``: the same numbers as the eager step
+on the same draws, one compilation in steady state, a new one when the arguments' shapes
+change, eager fallbacks with a warning, exact resumes, finite checks that name the sites."""
+
+import copy
+import math
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import SVI, config_enumerate
+from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal, AutoNormalMessenger
+from torch._dynamo.utils import counters
+
+from pyro_fdiv import checkpoint
+from pyro_fdiv.inference import IWAE, BlackBoxAlpha, make_step
+from pyro_fdiv.models.vae import VAE
+
+X = torch.tensor([0.3, -1.1, 2.0, 0.4])
+OBJECTIVES = {
+    "iwae": lambda **kw: IWAE(num_particles=4, **kw),
+    "iwae-dreg": lambda **kw: IWAE(num_particles=4, gradient_estimator="dreg", **kw),
+    "bbalpha": lambda **kw: BlackBoxAlpha(0.5, num_particles=4, **kw),
+}
+
+
+def conjugate_model(x):
+    loc = pyro.param("prior_loc", x.new_tensor(0.2))
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Normal(loc, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def conjugate_guide(x):
+    a = pyro.param("a", x.new_tensor(0.3))
+    b = pyro.param("b", x.new_tensor(0.1))
+    s = pyro.param("s", x.new_tensor(0.8), constraint=dist.constraints.positive)
+    with pyro.plate("data", len(x)):
+        pyro.sample("z", dist.Normal(a * x + b, s))
+
+
+def conjugate(dtype=torch.float64):
+    return conjugate_model, conjugate_guide, X.to(dtype)
+
+
+def small_vae(dtype=torch.float64):
+    torch.manual_seed(0)
+    vae = VAE(x_dim=6, z_dim=2, hidden_dim=5).to(dtype)
+    x = torch.bernoulli(torch.full((5, 6), 0.4, dtype=dtype))
+    return vae.model, vae.guide, x
+
+
+MODELS = {"conjugate": conjugate, "vae": small_vae}
+
+#: The backend of tests about the mechanism rather than Inductor's numbers (seconds faster).
+AOT_EAGER = {"backend": "aot_eager"}
+
+
+def compile_count() -> int:
+    """Programs the backend compiled (AOT Autograd's count, under Inductor's compile_fx)."""
+    return counters["aot_autograd"]["total"]
+
+
+def train(setup, make_objective, steps, *, compile=False, dtype=torch.float64, seed=0):
+    """Losses, gradients of the last step and final parameters of ``steps`` SVI steps."""
+    pyro.clear_param_store()
+    model, guide, x = setup(dtype)
+    objective = make_objective(compile=compile)
+    optim = pyro.optim.Adam({"lr": 0.05})
+    pyro.set_rng_seed(seed)
+    losses = [SVI(model, guide, optim, objective).step(x) for _ in range(steps - 1)]
+    store = pyro.get_param_store()
+    losses.append(objective.loss_and_grads(model, guide, x))  # the last step: its gradients
+    grads = {name: p.grad.clone() for name, p in store._params.items()}
+    return losses, grads, {name: p.detach().clone() for name, p in store._params.items()}
+
+
+def assert_same(eager, compiled, tol):
+    assert compiled[0] == pytest.approx(eager[0], abs=tol, rel=tol)
+    for want, got in zip(eager[1:], compiled[1:], strict=True):
+        assert want.keys() == got.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], atol=tol, rtol=tol, msg=name)
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("name", OBJECTIVES)
+def test_compiled_loss_and_gradients_equal_eager(name, model):
+    eager = train(MODELS[model], OBJECTIVES[name], 4)
+    before = compile_count()
+    compiled = train(MODELS[model], OBJECTIVES[name], 4, compile=True)
+    assert compile_count() == before + 1  # one program, compiled once
+    assert_same(eager, compiled, 1e-10)
+
+
+def test_float32_equal_eager():
+    eager = train(conjugate, OBJECTIVES["iwae"], 4, dtype=torch.float32)
+    compiled = train(conjugate, OBJECTIVES["iwae"], 4, compile=True, dtype=torch.float32)
+    assert_same(eager, compiled, 1e-5)
+
+
+def run_steps(setup, steps, *, compiled, seed=0, dtype=torch.float64):
+    pyro.clear_param_store()
+    model, guide, x = setup(dtype)
+    optim = pyro.optim.Adam({"lr": 0.05})
+    objective = IWAE(num_particles=4)
+    step = (
+        make_step(model, guide, optim, objective)
+        if compiled
+        else SVI(model, guide, optim, objective).step
+    )
+    pyro.set_rng_seed(seed)
+    losses = [step(x) for _ in range(steps)]
+    params = {name: p.detach().clone() for name, p in pyro.get_param_store()._params.items()}
+    return losses, params, step, copy.deepcopy(optim.get_state())
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_make_step_equals_svi(model):
+    eager = run_steps(MODELS[model], 6, compiled=False)
+    compiled = run_steps(MODELS[model], 6, compiled=True)
+    assert_same(eager[:2], compiled[:2], 1e-10)
+    # the Adam state lives in the PyroOptim's per-parameter optimizers
+    want, got = eager[3], compiled[3]
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(
+            got[name]["state"][0]["exp_avg"], want[name]["state"][0]["exp_avg"]
+        )
+        assert got[name]["state"][0]["step"] == want[name]["state"][0]["step"] == 6
+
+
+def test_no_recompilation_in_steady_state_and_retrace_on_a_shape_change():
+    model, guide, x = conjugate()
+    step = make_step(model, guide, pyro.optim.Adam({"lr": 0.05}), IWAE(num_particles=4))
+    before = compile_count()
+    step(x)  # eager, then the program is captured and compiled
+    for _ in range(10):
+        step(x)
+    assert compile_count() == before + 1
+    assert len(step.programs) == 1
+    longer = torch.cat([x, x])
+    pyro.set_rng_seed(3)
+    value = step(longer)  # a new shape: an eager, validated step, then a new program
+    for _ in range(3):
+        step(longer)
+        step(x)  # the first program still serves the first shape
+    assert compile_count() == before + 2
+    assert len(step.programs) == 2
+    pyro.set_rng_seed(3)
+    assert IWAE(num_particles=4).loss(model, guide, longer) == pytest.approx(value, rel=0.5)
+
+
+def dynamic_model(x):
+    z = pyro.sample("z", dist.Normal(x.new_tensor(0.0), 1.0))
+    if z.item() > 0:  # the structure depends on the sampled value
+        pyro.sample("w", dist.Normal(z, 1.0), obs=x.new_tensor(0.5))
+    with pyro.plate("data", len(x)):
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def dynamic_guide(x):
+    loc = pyro.param("loc", x.new_tensor(0.0))
+    pyro.sample("z", dist.Normal(loc, 1.0))
+
+
+def test_dynamic_structure_falls_back_with_one_warning():
+    objective = IWAE(compile=True)
+    svi = SVI(dynamic_model, dynamic_guide, pyro.optim.Adam({"lr": 0.05}), objective)
+    with pytest.warns(UserWarning, match="cannot be traced once.*data-dependent|cannot be traced"):
+        svi.step(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        losses = [svi.step(X) for _ in range(3)]
+    assert all(math.isfinite(v) for v in losses)
+    assert not objective._compiled.programs
+
+
+def test_sequential_particles_fall_back_with_one_warning():
+    model, guide, x = conjugate()
+    objective = IWAE(num_particles=2, vectorize_particles=False, compile=True)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), objective)
+    with pytest.warns(UserWarning, match="one after another"):
+        svi.step(x)
+    svi.step(x)
+
+
+def test_checkpoint_resume_is_exact(tmp_path):
+    model, guide, x = conjugate()
+    optim, objective = pyro.optim.Adam({"lr": 0.05}), IWAE(num_particles=4)
+    step = make_step(model, guide, optim, objective, compile_options=AOT_EAGER)
+    for _ in range(3):
+        step(x)
+    path = checkpoint.save(tmp_path / "ckpt.pt", optim=optim, objective=objective)
+    straight = [step(x) for _ in range(3)]
+
+    pyro.clear_param_store()
+    optim, objective = pyro.optim.Adam({"lr": 0.05}), IWAE(num_particles=4)
+    checkpoint.load(path, optim=optim, objective=objective)
+    step = make_step(model, guide, optim, objective, compile_options=AOT_EAGER)
+    resumed = [step(x) for _ in range(3)]
+    assert resumed == pytest.approx(straight, rel=1e-12, abs=1e-12)
+
+
+def test_guide_median_and_a_later_svi_see_the_parameters():
+    def model():
+        pyro.sample("m", dist.Normal(torch.tensor(1.0), 1.0))
+
+    guide = AutoNormal(model)
+    optim = pyro.optim.Adam({"lr": 0.1})
+    step = make_step(model, guide, optim, IWAE(num_particles=2))
+    for _ in range(5):
+        step()
+    loc = pyro.param("AutoNormal.locs.m").item()
+    assert loc != 0.0
+    assert guide.median()["m"].item() == loc
+    SVI(model, guide, optim, IWAE(num_particles=2)).step()
+    assert optim.get_state()["AutoNormal.locs.m"]["state"][0]["step"] == 6
+
+
+def test_non_finite_loss_names_the_site_and_leaves_the_parameters():
+    def guide(x):
+        scale = pyro.param("scale", x.new_tensor(0.8))  # unconstrained: may turn negative
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(0.0, scale.abs() * 0 + scale))
+
+    model, _, x = conjugate()
+    step = make_step(
+        model,
+        guide,
+        pyro.optim.Adam({"lr": 0.05}),
+        IWAE(num_particles=2),
+        compile_options=AOT_EAGER,
+    )
+    step(x)
+    step(x)
+    store = pyro.get_param_store()
+    with torch.no_grad():
+        store._params["scale"].fill_(-1.0)
+    before = {name: p.detach().clone() for name, p in store._params.items()}
+    with pytest.raises(ValueError, match="guide site 'z'"):
+        step(x)
+    for name, p in store._params.items():
+        assert torch.equal(p, before[name])
+
+
+def test_bad_compile_options_raise():
+    model, guide, x = conjugate()
+    objective = IWAE(compile=True, compile_options={"fullgraf": True})
+    with pytest.raises(TypeError, match="fullgraf"):
+        SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), objective).step(x)
+    with pytest.raises(TypeError, match="compile_options"):
+        IWAE(compile=True, compile_options=["mode"])
+
+
+def subsampled_model(x):
+    mu = pyro.sample("mu", dist.Normal(x.new_tensor(0.0), 1.0))
+    with pyro.plate("data", len(x), subsample_size=2) as idx:
+        z = pyro.sample("z", dist.Normal(mu, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x[idx])
+
+
+def subsampled_guide(x):
+    pyro.sample("mu", dist.Normal(pyro.param("a", x.new_tensor(0.0)), 1.0))
+    with pyro.plate("data", len(x), subsample_size=2) as idx:
+        pyro.sample("z", dist.Normal(pyro.param("b", x.new_zeros(len(x)))[idx], 1.0))
+
+
+@config_enumerate
+def enumerated_model(x):
+    p = pyro.param("p", x.new_tensor(0.3), constraint=dist.constraints.unit_interval)
+    loc = pyro.sample("loc", dist.Normal(x.new_tensor(0.0), 1.0))
+    with pyro.plate("data", len(x)):
+        c = pyro.sample("c", dist.Bernoulli(p))
+        pyro.sample("x", dist.Normal(loc + c, 1.0), obs=x)
+
+
+def global_model(x):
+    loc = pyro.sample("loc", dist.Normal(x.new_tensor(0.0), 1.0))
+    scale = pyro.sample("scale", dist.LogNormal(x.new_tensor(0.0), 1.0))
+    with pyro.plate("data", len(x)):
+        pyro.sample("x", dist.Normal(loc, scale), obs=x)
+
+
+KINDS = {  # model, guide, objective: what the capture must reproduce
+    "subsampled-nested": (subsampled_model, lambda m: subsampled_guide, IWAE),
+    "subsampled-energy": (subsampled_model, lambda m: subsampled_guide, BlackBoxAlpha),
+    "enumerated": (enumerated_model, lambda m: AutoNormal(poutine.block(m, hide=["c"])), IWAE),
+    "guide-messenger": (global_model, AutoNormalMessenger, IWAE),
+    "multivariate-normal": (global_model, AutoMultivariateNormal, BlackBoxAlpha),
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_model_kinds_capture_equal_eager(kind):
+    """Subsampling (random subsamples drawn in the program), enumeration, GuideMessenger guides
+    and a dense guide: captured programs (run by ``aot_eager`` here, for speed) give the eager
+    losses on the same draws."""
+    model, make_guide, objective = KINDS[kind]
+    runs = []
+    for compile in (False, True):
+        pyro.clear_param_store()
+        kwargs = {"compile": compile, "compile_options": {"backend": "aot_eager"}}
+        loss = (
+            IWAE(num_particles=3, **kwargs)
+            if objective is IWAE
+            else BlackBoxAlpha(0.5, 3, **kwargs)
+        )
+        svi = SVI(model, make_guide(model), pyro.optim.Adam({"lr": 0.05}), loss)
+        pyro.set_rng_seed(0)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "IWAE: global latent sites", UserWarning)
+            runs.append([svi.step(X) for _ in range(4)])
+        assert not compile or loss._compiled.programs
+    assert runs[1] == pytest.approx(runs[0], rel=1e-10, abs=1e-10)
+
+
+ENCODER = torch.nn.Linear(1, 2).double()
+NETWORKS = {"encoder": ENCODER}
+
+
+def closure_guide(x):  # the network is a global its code names: found and substituted
+    pyro.module("encoder", ENCODER)
+    out = ENCODER(x.unsqueeze(-1))
+    with pyro.plate("data", len(x)):
+        pyro.sample("z", dist.Normal(out[..., 0], out[..., 1].exp()))
+
+
+def hidden_guide(x):  # the network hides in a dict: its parameters would be frozen
+    pyro.module("encoder", NETWORKS["encoder"])
+    out = NETWORKS["encoder"](x.unsqueeze(-1))
+    with pyro.plate("data", len(x)):
+        pyro.sample("z", dist.Normal(out[..., 0], out[..., 1].exp()))
+
+
+def test_networks_named_by_the_guide_are_substituted_others_fall_back():
+    runs = []
+    for guide, compile in ((closure_guide, False), (closure_guide, True), (hidden_guide, True)):
+        pyro.clear_param_store()
+        state = {k: v.clone() for k, v in ENCODER.state_dict().items()}
+        loss = IWAE(num_particles=3, compile=compile, compile_options={"backend": "aot_eager"})
+        svi = SVI(conjugate_model, guide, pyro.optim.Adam({"lr": 0.05}), loss)
+        pyro.set_rng_seed(0)
+        if guide is hidden_guide:
+            with pytest.warns(UserWarning, match="encoder.* read outside pyro.param"):
+                runs.append([svi.step(X.double()) for _ in range(3)])
+        else:
+            runs.append([svi.step(X.double()) for _ in range(3)])
+            assert not compile or loss._compiled.programs
+        ENCODER.load_state_dict(state)
+    assert runs[1] == pytest.approx(runs[0], rel=1e-10, abs=1e-10)
+    assert runs[2] == pytest.approx(runs[0], rel=1e-10, abs=1e-10)
+
+
+def guide_with_an_unused_parameter(x):
+    pyro.param("unused", x.new_tensor(1.0))  # read, never in the loss: no gradient, no step
+    conjugate_guide(x)
+
+
+@pytest.mark.parametrize("optim", ["adam", "sgd"])
+def test_parameters_without_gradient_are_left_as_eager_leaves_them(optim):
+    runs = []
+    for compiled in (False, True):
+        pyro.clear_param_store()
+        make_optim = pyro.optim.Adam if optim == "adam" else pyro.optim.SGD
+        args = (conjugate_model, guide_with_an_unused_parameter, make_optim({"lr": 0.05}))
+        loss = IWAE(num_particles=3)
+        if compiled:
+            step = make_step(*args, loss, compile_options={"backend": "aot_eager"})
+        else:
+            step = SVI(*args, loss).step
+        pyro.set_rng_seed(0)
+        losses = [step(X.double()) for _ in range(4)]
+        store = pyro.get_param_store()
+        runs.append((losses, {k: v.detach().clone() for k, v in store._params.items()}))
+        assert not compiled or step.programs
+    assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-10, abs=1e-10)
+    for name, value in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][name], value, rtol=1e-10, atol=1e-10)
+    assert runs[1][1]["unused"].item() == 1.0
