@@ -115,6 +115,59 @@ def _write_cli_help() -> None:
 _write_cli_help()
 
 
+# -- the table of f-divergences, from the classes' docstrings ---------------------------------
+def _write_divergence_table() -> None:
+    import inspect
+    import re
+
+    from pyro_fdiv import divergences
+
+    names: dict[type, list[str]] = {}
+    for name in divergences.available_divergences():
+        names.setdefault(divergences._REGISTRY[name], []).append(name)
+    rows = []
+    for cls, aliases in names.items():
+        doc = inspect.getdoc(cls) or ""
+        summary = re.sub(r"\s*\[\d+\]", "", doc.split("\n\n")[0].replace("\n", " "))
+        if not summary.endswith("."):  # a sentence that continues in the math block
+            summary = summary.rsplit(",", 1)[0] + "."
+        math = doc.split(".. math::", 1)[1].split("\n\n")[1] if ".. math::" in doc else ""
+        instance = cls(0.5) if cls is divergences.AmariAlpha else cls()
+        dual = type(instance.dual())
+        dual_name = "itself" if dual is cls else f":class:`~pyro_fdiv.divergences.{dual.__name__}`"
+        if cls is divergences.AmariAlpha:
+            dual_name = "Amari α with :math:`1 - \\alpha`"
+        rows.append(
+            [
+                f":class:`~pyro_fdiv.divergences.{cls.__name__}` ("
+                + ", ".join(f"``{a}``" for a in aliases)
+                + ")",
+                summary,
+                f":math:`{' '.join(math.split())}`" if math else "see the class",
+                dual_name,
+            ]
+        )
+    lines = [
+        ".. list-table::",
+        "   :header-rows: 1",
+        "   :widths: 20 30 40 10",
+        "",
+        "   * - class (registry names)",
+        "     - divergence",
+        "     - generator :math:`f`, derivative, conjugate :math:`f^*`, critic activation "
+        ":math:`g_f`",
+        "     - dual :math:`\\tilde f`",
+    ]
+    for row in rows:
+        lines.append(f"   * - {row[0]}")
+        lines += [f"     - {cell}" for cell in row[1:]]
+    out = DOCS / "_generated" / "divergence_table.rst"
+    out.write_text("\n".join(lines) + "\n")
+
+
+_write_divergence_table()
+
+
 # -- references resolved through the import system -----------------------------------------
 # Docstrings name things as Python does: ``pyro_fdiv.inference.IWAE`` (a re-export, documented
 # where it is defined), ``:meth:`loss``` inside a subclass (inherited), ``VAE.gaussian_proposal``
