@@ -210,7 +210,7 @@ def _format1_globals() -> list:
     try:
         from numpy._core.multiarray import _reconstruct
     except ImportError:  # NumPy < 2
-        from numpy.core.multiarray import _reconstruct
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
     return [
         _reconstruct,
         np.ndarray,

@@ -7,6 +7,7 @@ import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import pandas as pd
 import pyro
@@ -75,7 +76,7 @@ def demo(
 class _Parser(argparse.ArgumentParser):
     """Bad arguments give one line on stderr and exit status 2, no usage dump or traceback."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 

@@ -58,7 +58,10 @@ def _constraint_registry() -> tuple[dict[str, Constraint], dict[str, type]]:
     return named, classes
 
 
-_NAMED, CONSTRAINT_CLASSES = _constraint_registry()
+_NAMED, _CLASSES = _constraint_registry()
+#: The constraint classes a checkpoint may name, by ``"module.QualName"`` (torch's and Pyro's,
+#: and those added by :func:`register_constraint`).
+CONSTRAINT_CLASSES: dict[str, type] = _CLASSES
 
 
 def register_constraint(cls: type) -> type:

@@ -50,6 +50,7 @@ class Method:
         return self.guide is None
 
 
+#: The registry of Eight Schools methods by name (:func:`register_method` adds one).
 METHODS: dict[str, Method] = {}
 
 

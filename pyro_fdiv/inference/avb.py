@@ -61,8 +61,11 @@ class Discriminator(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
-        """:param z: ``batch_shape + (z_dim,)``; :param x: ``batch_shape + (x_dim,)`` or
-        ``None``; :returns: logits of shape ``batch_shape``."""
+        """
+        :param z: ``batch_shape + (z_dim,)``.
+        :param x: ``batch_shape + (x_dim,)`` or ``None``.
+        :returns: logits of shape ``batch_shape``.
+        """
         h = z if x is None else torch.cat([z, x], dim=-1)
         return self.net(h).squeeze(-1)
 

@@ -69,8 +69,8 @@ class DataDensity(nn.Module):
 
     def use_pca(self, dim: int, num_samples: int) -> None:
         """Estimate :meth:`log_prob`'s gradient in a ``dim``-dimensional PCA space from
-        ``num_samples`` sampled neighbours (:func:`~pyro_fdiv.inference.spread.
-        pca_spread_log_density`)."""
+        ``num_samples`` sampled neighbours
+        (:func:`~pyro_fdiv.inference.spread.pca_spread_log_density`)."""
         raise ValueError("log_density='pca' needs a training set tensor as data")
 
 

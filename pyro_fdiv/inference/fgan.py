@@ -44,15 +44,16 @@ class FGANBound(InnerTraining, ELBO):
     with :math:`f^*` the convex conjugate and :math:`g_f` the output activation of
     :meth:`~pyro_fdiv.divergences.Divergence.critic_activation` (the optimal critic is
     :math:`g_f(V) = f'(P/Q)`). A minimax game: the critic ascends the bound, the model
-    descends it. It is the comparison point of :class:`FDivergenceBound` [2], which bounds the
-    same divergence from above.
+    descends it. It is the comparison point of
+    :class:`~pyro_fdiv.inference.fdiv_bound.FDivergenceBound` [2], which bounds the same
+    divergence from above.
 
     Model samples come from the model itself, its observation site resampled (``rsample``, so
     :math:`\theta` gets pathwise gradients). FGANBound trains the model only: there is no
     guide (pass ``None`` or a function without sample sites or parameters; a guide that has
     them raises a ``ValueError`` naming them, since it would get no gradient: use
-    :class:`FDivergenceBound` for a model with an encoder, and ``IWAE``, ``BlackBoxAlpha``,
-    ``AVB`` or ``JSA`` for posterior inference).
+    :class:`~pyro_fdiv.inference.fdiv_bound.FDivergenceBound` for a model with an encoder,
+    and ``IWAE``, ``BlackBoxAlpha``, ``AVB`` or ``JSA`` for posterior inference).
     Data samples are the batch passed to the model (the data argument, ``data_arg``), or draws
     from ``data`` when a target distribution is given.
 
@@ -204,9 +205,11 @@ class FGANBound(InnerTraining, ELBO):
             return self._checked(self.bound(x_data, x_model), trace)
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        """:returns: the lower-bound estimate, differentiable in the model's (and critic's)
-        parameters.
-        :raises ValueError: if the bound is not finite (with ``check_finite``)."""
+        """
+        :returns: the lower-bound estimate, differentiable in the model's (and critic's)
+            parameters.
+        :raises ValueError: if the bound is not finite (with ``check_finite``).
+        """
         self._check_guide(guide, args, kwargs)
         x_data, x_model, trace = self._samples(model, args, kwargs)
         bound = self.bound(x_data, x_model)

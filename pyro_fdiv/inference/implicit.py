@@ -201,8 +201,10 @@ class NoiseSampler(nn.Module):
         self.mlp = nn.Sequential(*layers, last)
 
     def forward(self, eps: torch.Tensor) -> torch.Tensor:
-        """:param eps: noise of shape ``batch_shape + (noise_dim,)``; :returns: ``batch_shape +
-        (out_dim,)``."""
+        """
+        :param eps: noise of shape ``batch_shape + (noise_dim,)``.
+        :returns: a tensor of shape ``batch_shape + (out_dim,)``.
+        """
         return self.loc + self.linear(eps) + self.mlp(eps)
 
 

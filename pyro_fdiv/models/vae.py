@@ -30,6 +30,7 @@ __all__ = ["ARCHITECTURES", "VAE", "Decoder", "Encoder", "ImplicitEncoder"]
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "softplus": nn.Softplus}
 
+#: The papers' architectures as keyword arguments of :class:`VAE`, by name.
 ARCHITECTURES = {
     # Burda, Grosse, Salakhutdinov (2016), one stochastic layer: 784-200-200-50 (tanh).
     "iwae": {"z_dim": 50, "hidden_dim": (200, 200), "activation": "tanh"},
