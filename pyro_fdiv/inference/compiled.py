@@ -35,7 +35,7 @@ import contextlib
 import functools
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pyro
@@ -114,10 +114,10 @@ def _filled(cell) -> bool:
 def _swapped(slots: list[tuple[torch.nn.Module, str]], values: list[torch.Tensor]) -> Iterator:
     """Temporarily put ``values`` in the modules' parameter slots (``functional_call``'s
     mechanism)."""
-    saved = [module._parameters[name] for module, name in slots]
+    saved: list[Any] = [module._parameters[name] for module, name in slots]
     try:
         for (module, name), value in zip(slots, values, strict=True):
-            module._parameters[name] = value
+            module._parameters[name] = value  # type: ignore[assignment]
         yield
     finally:
         for (module, name), value in zip(slots, saved, strict=True):
@@ -144,10 +144,11 @@ def split_arguments(args: tuple, kwargs: dict) -> tuple[list[torch.Tensor], Any,
     and the key of everything else (tensor shapes, dtypes and devices; other values, or their
     identity where they are not hashable)."""
     if not kwargs and all(isinstance(a, torch.Tensor) for a in args):  # the common case, fast
-        key = tuple((a.shape, a.stride(), a.dtype, a.device, a.requires_grad) for a in args)
-        return list(args), lambda new: (tuple(new), {}), ("tensors", *key)
+        fast = tuple((a.shape, a.stride(), a.dtype, a.device, a.requires_grad) for a in args)
+        return list(args), lambda new: (tuple(new), {}), ("tensors", *fast)
     leaves, spec = _pytree.tree_flatten((args, kwargs))
-    tensors, key = [], [spec]
+    tensors: list[torch.Tensor] = []
+    key: list[Any] = [spec]
     positions = []
     for i, leaf in enumerate(leaves):
         if isinstance(leaf, torch.Tensor):
@@ -206,8 +207,8 @@ def capture(
     args: tuple,
     kwargs: dict,
     update: Callable | None = None,
-    state: list[torch.Tensor] = (),
-) -> tuple[torch.fx.GraphModule, Any]:
+    state: Sequence[torch.Tensor] = (),
+) -> tuple[torch.fx.GraphModule, list[torch.Tensor], Any, Any]:
     """
     Trace ``loss_fn(model, guide, args, kwargs) -> (loss, signature)`` and its gradient in the
     unconstrained parameters ``names`` into one FX graph of ATen ops
@@ -387,7 +388,7 @@ def compile_graph(
     with quiet_compile():
         from torch._inductor.compile_fx import compile_fx  # its import defines TorchScript
 
-        return compile_fx(gm, inputs, config_patches=patches)
+        return compile_fx(gm, inputs, config_patches=patches)  # type: ignore[return-value]
 
 
 def _warn_eager(owner: str, reason: str) -> None:
@@ -675,7 +676,7 @@ class Step(_ProgramCache):
             for p in params:
                 slot = self.optim.optim_objs[p].state[p]
                 state += [slot["step"], slot["exp_avg"], slot["exp_avg_sq"]]
-            update = adam_update(settings, guard=getattr(loss, "check_finite", True))
+            update = adam_update(settings, guard=getattr(loss, "check_finite", True))  # type: ignore[arg-type]
         loss_fn = getattr(loss, "_traced_loss", None) or functools.partial(traced_loss, loss)
         validated = getattr(loss, "_validated", None)
         compiled = self._compile(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from pyro.distributions import Delta
 
@@ -251,7 +253,7 @@ def _enters_after(tensor: torch.Tensor, roots: list, params: list) -> bool:
     at_roots = _depends_on(tensor, roots)
     pairs = [(v, g) for v, g in zip(roots, at_roots, strict=True) if g is not None]
     total = _depends_on(tensor, params)
-    through = [None] * len(params)
+    through: Sequence[torch.Tensor | None] = [None] * len(params)
     if pairs:
         through = torch.autograd.grad(
             [v for v, _ in pairs],
