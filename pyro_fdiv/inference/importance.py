@@ -58,6 +58,7 @@ __all__ = [
     "guess_max_plate_nesting",
     "guide_messenger",
     "importance_trace",
+    "is_subsampled",
     "log_mean_exp",
     "log_weights_from_traces",
     "non_finite_sites",
@@ -66,6 +67,7 @@ __all__ = [
     "reparam_roots",
     "sample_sites",
     "site_log_prob",
+    "subsample_scale",
     "trace_signature",
     "vectorized_frames",
 ]
@@ -195,11 +197,7 @@ def _shared_plates(
     plates); third, the plates every site shares, which global sites keep."""
     stacks = [set(vectorized_frames(site)) for site in sites.values()]
     shared = set.intersection(*stacks) if stacks else set()
-    subsampled = {
-        frame
-        for frame in set.union(set(), *stacks) - shared
-        if frame.full_size is not None and frame.full_size > frame.size
-    }
+    subsampled = {frame for frame in set.union(set(), *stacks) - shared if is_subsampled(frame)}
     outer = tuple(sorted(shared, key=lambda f: f.dim))
     if not subsampled:
         return outer, frozenset(), outer
@@ -236,7 +234,12 @@ def _named_plates(sites: dict[str, dict], names: Sequence[str]) -> tuple[CondInd
     return tuple(sorted((frames[name] for name in names), key=lambda f: f.dim))
 
 
-def _subsample_scale(frames) -> float:
+def is_subsampled(frame: CondIndepStackFrame) -> bool:
+    """The plate ``frame`` holds a minibatch: fewer elements than its full size."""
+    return frame.full_size is not None and frame.full_size > frame.size
+
+
+def subsample_scale(frames) -> float:
     r""":math:`\prod N/B` over the subsampled ``frames``."""
     scale = 1.0
     for frame in frames:
@@ -326,7 +329,7 @@ def _term(
     (another plate may use the same dim there)."""
     inside = {f.name for f in site["cond_indep_stack"]}
     kept = tuple(f for f in plates if f.name in inside)
-    log_p = _scaled(log_p, site, _subsample_scale(kept))
+    log_p = _scaled(log_p, site, subsample_scale(kept))
     out_dims = tuple(f.dim for f in plates)
     keep_dims = tuple(f.dim for f in kept)
     return _reduce(log_p, name, keep_dims, out_dims, max_plate_nesting, particle_plate, leading)
@@ -684,11 +687,11 @@ def _score(
         log_w, score = _local_mean(log_w, score, guide_sites, is_global)
     if not isinstance(log_w, torch.Tensor):
         # no local term (e.g. an empty model and guide: the weight is 1, as Trace_ELBO's 0)
-        log_w = _zeros(model_terms, guide_terms, len(plates), max_plate_nesting)
+        log_w = _zeros(model_terms, guide_terms, len(plates))
     return LogWeights(
         log_w,
         score,
-        _subsample_scale(outer if global_names else plates),
+        subsample_scale(outer if global_names else plates),
         plates,
         model_trace,
         guide_trace,
@@ -716,7 +719,7 @@ def _local_mean(log_w, score, guide_sites, is_global) -> tuple[torch.Tensor, Non
     return log_mean_exp(log_w, 0), None
 
 
-def _zeros(model_terms, guide_terms, num_plates: int, max_plate_nesting: int) -> torch.Tensor:
+def _zeros(model_terms, guide_terms, num_plates: int) -> torch.Tensor:
     """Zero log weights shaped like the terms (one particle and no plate when there are none)."""
     for term in (*model_terms.values(), *guide_terms.values()):
         return torch.zeros_like(term)

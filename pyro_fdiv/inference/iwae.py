@@ -125,9 +125,7 @@ class IWAE(ImportanceObjective):
                 f"sites, but {non_reparam_sites(weights.guide_trace)} cannot be reparameterized. "
                 "Use gradient_estimator='reparam' (score-function terms with a VIMCO baseline)."
             )
-        traces = [weights.guide_trace] if weights.vectorized else weights.particle_traces[:1]
-        for guide_trace in traces:
-            self._check_guide(guide_trace if weights.vectorized else guide_trace[1])
+        self._check_guide(weights.guide_trace)  # the first particle's on the sequential path
         if self.gradient_estimator == "stl":
             return self.bound(weights.log_w)
         w_tilde = torch.softmax(weights.log_w.detach(), dim=0)

@@ -19,8 +19,10 @@ from pyro_fdiv.inference.importance import (
     checked_value,
     guess_max_plate_nesting,
     importance_trace,
+    is_subsampled,
     raise_non_finite,
     sample_sites,
+    subsample_scale,
     trace_signature,
 )
 from pyro_fdiv.util import check_flag, check_integer, check_num_particles, rng_preserved
@@ -75,13 +77,10 @@ def score_function_surrogate(
 def local_split(weights: LogWeights) -> tuple[tuple[int, ...], float]:
     """The dims of ``weights.log_w`` (particle dim 0) of the kept plates that the global sites
     are outside of, and their subsample scale :math:`N/B`."""
-    dims, scale = [], 1.0
-    for position, frame in enumerate(weights.plates, start=1):
-        if frame not in weights.global_plates:
-            dims.append(position)
-            if _subsampled(frame):
-                scale *= frame.full_size / frame.size
-    return tuple(dims), scale
+    local = [
+        (p, f) for p, f in enumerate(weights.plates, start=1) if f not in weights.global_plates
+    ]
+    return tuple(p for p, _ in local), subsample_scale(f for _, f in local)
 
 
 def nested_log_weights(weights: LogWeights) -> torch.Tensor:
@@ -103,10 +102,6 @@ def joint_score(weights: LogWeights) -> torch.Tensor | None:
         parts.append(weights.score.sum(dims) if dims else weights.score)
     parts = [p for p in parts if p is not None]
     return sum(parts[1:], parts[0]) if parts else None
-
-
-def _subsampled(frame) -> bool:
-    return frame.full_size is not None and frame.full_size > frame.size
 
 
 class ImportanceObjective(ELBO):
@@ -260,7 +255,7 @@ class ImportanceObjective(ELBO):
         weights = self._validated_run(model, guide, args, kwargs, differentiable)
         if state is not None and weights.global_log_w is not None:
             # L local particles: the plates that make a site local are known now; redraw
-            self._local_plates = tuple(f.name for f in weights.plates if _subsampled(f))
+            self._local_plates = tuple(f.name for f in weights.plates if is_subsampled(f))
             if not self._local_plates:
                 raise ValueError(
                     f"num_local_particles={self.num_local_particles} needs one data plate "
@@ -315,22 +310,17 @@ class ImportanceObjective(ELBO):
             f: None
             for site in sample_sites(weights.model_trace).values()
             for f in site["cond_indep_stack"]
-            if _subsampled(f)
+            if is_subsampled(f)
         }
         sizes = ", ".join(f"'{f.name}' ({f.size} of {f.full_size})" for f in frames)
         warnings.warn(
             f"{type(self).__name__}: global latent sites sit outside the subsampled plate "
             f"{sizes}; the {self.global_latents!r} global-latent estimator is used. "
-            + self._global_note()
-            + " Pass global_latents='error' to refuse such models.",
+            "With a minibatch (B < N) the nested bound is a consistent but biased estimate of "
+            "log p(x) (exact as a lower bound only at B = N). Pass global_latents='error' to "
+            "refuse such models.",
             UserWarning,
             stacklevel=4,
-        )
-
-    def _global_note(self) -> str:
-        return (
-            "With a minibatch (B < N) the nested bound is a consistent but biased estimate of "
-            "log p(x) (exact as a lower bound only at B = N)."
         )
 
     def _get_trace(self, model, guide, args, kwargs):

@@ -21,6 +21,7 @@ from pyro_fdiv.inference.importance import (
     SiteError,
     get_log_weights,
     guess_max_plate_nesting,
+    is_subsampled,
     sample_sites,
     vectorized_frames,
 )
@@ -186,7 +187,7 @@ def _weights(model, guide, args, kwargs, num_particles: int, max_plate_nesting: 
 def _check_not_subsampled(weights: LogWeights) -> None:
     for site in sample_sites(weights.model_trace).values():
         for frame in vectorized_frames(site):
-            if frame.full_size is not None and frame.full_size > frame.size:
+            if is_subsampled(frame):
                 raise ValueError(
                     f"importance_resample: plate '{frame.name}' is subsampled ({frame.size} of "
                     f"{frame.full_size}), so each pass would see other data. Run the model and "
