@@ -133,6 +133,7 @@ def _run_eight_schools(args: argparse.Namespace, parser: argparse.ArgumentParser
         seed=args.seed,
         parameterization=args.parameterization,
         reference=args.reference,
+        compile=False if args.no_compile else None,
     )
     print(eight_schools.format_summary(table))
     print(
@@ -234,6 +235,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="NUTS reference: shipped/cached draws, or rerun NUTS",
     )
     e.add_argument("--quick", action="store_true", help="300 steps, 2,000 draws: a smoke run")
+    e.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="train with eager SVI steps (default: compiled steps from 2,000 steps per method)",
+    )
 
     t = _add_train_parser(sub)
 

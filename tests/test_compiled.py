@@ -5,6 +5,7 @@ change, eager fallbacks with a warning, exact resumes, finite checks that name t
 import copy
 import math
 import warnings
+from unittest.mock import ANY
 
 import pyro
 import pyro.distributions as dist
@@ -16,7 +17,16 @@ from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal, AutoNormalM
 from torch._dynamo.utils import counters
 
 from pyro_fdiv import checkpoint
-from pyro_fdiv.inference import IWAE, BlackBoxAlpha, make_step
+from pyro_fdiv.inference import (
+    AVB,
+    IWAE,
+    BlackBoxAlpha,
+    FDivergenceBound,
+    FGANBound,
+    JSA,
+    SpreadSchedule,
+    make_step,
+)
 from pyro_fdiv.models.vae import VAE
 
 X = torch.tensor([0.3, -1.1, 2.0, 0.4])
@@ -381,3 +391,129 @@ def test_parameters_without_gradient_are_left_as_eager_leaves_them(optim):
     for name, value in runs[0][1].items():
         torch.testing.assert_close(runs[1][1][name], value, rtol=1e-10, atol=1e-10)
     assert runs[1][1]["unused"].item() == 1.0
+
+
+# ------------------------------------------------------------------ every other objective
+TRAIN = torch.linspace(-2.0, 2.5, 16, dtype=torch.float64)  # the f-bound's training set
+
+
+def normal_vae(dtype=torch.float64):
+    torch.manual_seed(0)
+    vae = VAE(x_dim=6, z_dim=2, hidden_dim=5, likelihood="normal").to(dtype)
+    x = torch.rand(5, 6, dtype=dtype)
+    return vae.model, vae.guide, x
+
+
+def _fdiv(setup, **kw):
+    """The f-bound on a training set with fixed spread (its buffer an input of the program):
+    both players, two guide steps of their own Adam per model step."""
+    data = TRAIN[:, None].expand(16, 6) * 0.2 + 0.5 if setup is normal_vae else TRAIN
+    return FDivergenceBound(
+        "reverse_kl",
+        data=data.to(kw.pop("dtype")),
+        spread=0.5,
+        num_particles=3,
+        guide_steps=2,
+        guide_optim=pyro.optim.Adam({"lr": 0.05}),
+        **kw,
+    )
+
+
+def _avb(setup, **kw):
+    kw.pop("dtype")
+    return AVB(num_particles=4, num_adversary_steps=2, discriminator_hidden=(8,), **kw)
+
+
+def _fgan(setup, **kw):
+    torch.manual_seed(1)
+    critic = torch.nn.Linear(6, 1).to(kw.pop("dtype"))
+    return FGANBound("js", critic=critic, num_particles=2, **kw)
+
+
+def no_guide(x):
+    """FGANBound trains the model only."""
+
+
+OTHERS = {
+    "fdiv": (_fdiv, ["conjugate", "vae"]),
+    "avb": (_avb, ["conjugate", "vae"]),
+    "fgan": (_fgan, ["vae"]),
+}
+OTHER_MODELS = {"conjugate": conjugate, "vae": normal_vae}
+
+
+def train_other(name, model_name, steps, *, compile=False, dtype=torch.float64):
+    """Losses and final parameters (the store's and the objective's own) of ``steps`` SVI
+    steps with the objective's own inner updates."""
+    pyro.clear_param_store()
+    make, _ = OTHERS[name]
+    setup = OTHER_MODELS[model_name]
+    model, guide, x = setup(dtype)
+    guide = no_guide if name == "fgan" else guide
+    objective = make(setup, dtype=dtype, compile=compile)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), objective)
+    pyro.set_rng_seed(0)
+    losses = [svi.step(x) for _ in range(steps)]
+    params = {name: p.detach().clone() for name, p in pyro.get_param_store()._params.items()}
+    own = {f"own.{i}": p.detach().clone() for i, p in enumerate(objective.inner_parameters())}
+    return losses, {**params, **own}, objective
+
+
+@pytest.mark.parametrize(
+    "name,model", [(name, model) for name, (_, models) in OTHERS.items() for model in models]
+)
+def test_other_objectives_compiled_equal_eager(name, model):
+    """Both players of the f-bound, AVB's ELBO step (its discriminator steps eager, the first on
+    the program's draws) and the f-GAN model step: Inductor's programs give the eager losses and
+    parameters on the same draws, float64 to 1e-10, each program compiled once."""
+    eager = train_other(name, model, 4)
+    before = compile_count()
+    compiled = train_other(name, model, 4, compile=True)
+    programs = {"fdiv": 2, "avb": 1, "fgan": 1}[name]  # the f-bound: guide step and model step
+    assert compile_count() == before + programs
+    assert len(compiled[2]._compiled.programs) == programs
+    assert_same(eager[:2], compiled[:2], 1e-10)
+
+
+def test_other_objectives_float32_equal_eager():
+    eager = train_other("fdiv", "vae", 3, dtype=torch.float32)
+    compiled = train_other("fdiv", "vae", 3, compile=True, dtype=torch.float32)
+    assert_same(eager[:2], compiled[:2], 1e-5)
+
+
+def test_an_annealing_spread_is_eager_until_it_ends():
+    """sigma is a constant of the program: while the schedule anneals the steps are eager
+    (no warning), then one program serves the constant end width."""
+    pyro.clear_param_store()
+    model, guide, x = conjugate()
+    objective = FDivergenceBound(
+        "forward_kl",
+        data=TRAIN,
+        spread=SpreadSchedule(1.0, 0.5, 3),
+        compile=True,
+        compile_options=AOT_EAGER,
+    )
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), objective)
+    for _ in range(3):
+        svi.step(x)
+        assert not objective._compiled.programs
+    for _ in range(2):
+        svi.step(x)
+    assert list(objective._compiled.programs) == [("model", (0.5,), model, guide, ANY)]
+
+
+def test_make_step_runs_svi_for_objectives_with_state_of_their_own():
+    """The f-bound's schedule and guide steps live in its loss_and_grads: make_step runs
+    SVI.step with the objective's own compiled path turned on; JSA has none and warns."""
+    pyro.clear_param_store()
+    model, guide, x = conjugate()
+    objective = FDivergenceBound("forward_kl", data=TRAIN, spread=0.5)
+    step = make_step(model, guide, pyro.optim.Adam({"lr": 0.05}), objective, compile_options=AOT_EAGER)
+    for _ in range(3):
+        step(x)
+    assert objective.schedule.t == 3  # SVI.step ran the objective's loss_and_grads
+    assert objective._compiled is not None and objective._compiled.programs
+    pyro.clear_param_store()
+    step = make_step(model, guide, pyro.optim.Adam({"lr": 0.05}), JSA(num_data=4))
+    with pytest.warns(UserWarning, match="updates state of its own"):
+        step(x)

@@ -21,6 +21,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import nn
 from torch.func import functional_call
 
+from pyro_fdiv.inference.compiled import Compilable
 from pyro_fdiv.inference.importance import (
     LogWeights,
     check_flag,
@@ -118,7 +119,7 @@ def _describe(fn: Any) -> str:
     return type(fn).__name__ + (f"({_describe(base)})" if base is not None else "")
 
 
-class AVB(ELBO):
+class AVB(Compilable, ELBO):
     r"""
     Adversarial variational Bayes of Mescheder et al. [1]: trains guides whose density is
     unknown (neural samplers :math:`z = g_\phi(x, \epsilon)`, see
@@ -212,6 +213,14 @@ class AVB(ELBO):
         to check), and a discriminator update raises when the discriminator's loss is not
         finite; ``False`` skips these checks (no device synchronization in
         :meth:`differentiable_loss`).
+    :param bool compile: when ``True``, the gradient step of the model's and guide's loss in
+        :meth:`loss_and_grads` runs as a compiled program
+        (:class:`~pyro_fdiv.inference.compiled.CompiledLoss`), with the discriminator's
+        parameters as its inputs; the discriminator's own updates stay eager (plain PyTorch),
+        the first on the program's latent draws as before. Adaptive contrast only: the prior
+        contrast draws its samples from the step's guide trace, which the program does not
+        return, so those steps stay eager with one warning.
+    :param dict compile_options: keyword arguments of ``torch.compile``.
 
     **References**
 
@@ -233,8 +242,12 @@ class AVB(ELBO):
         max_plate_nesting: float = float("inf"),
         retain_graph: bool | None = None,
         check_finite: bool = True,
+        compile: bool = False,
+        compile_options: dict | None = None,
     ):
         self.check_finite = check_flag("check_finite", check_finite)
+        self._init_compile(compile, compile_options)
+        self._elbo_draw: _Draw | None = None  # the last eager step's draw, for the adversary
         if discriminator is not None and not isinstance(discriminator, nn.Module):
             raise ValueError(
                 "Expected discriminator to be a torch.nn.Module or None, actual "
@@ -520,17 +533,52 @@ class AVB(ELBO):
         :raises ValueError: naming the sites involved if the loss is not finite (with
             ``check_finite``).
         """
-        draw = self._prepare(model, guide, args, kwargs)
-        loss = -self._elbo(draw).mean(0).sum() * draw.weights.scale
-        value = self._checked(loss, draw)
-        if loss.requires_grad:
-            loss.backward(retain_graph=self.retain_graph)
+        value, _ = self._grads(model, guide, args, kwargs)
+        draw, self._elbo_draw = self._elbo_draw, None
+        if draw is None:  # the compiled program's draw: the latent (and observed) features
+            z, *x = self._compiled.aux  # type: ignore[union-attr]
+            draw = _Draw(None, None, None, None, z, x[0] if x else None)  # type: ignore[arg-type]
         for step in range(self.num_adversary_steps):
             if step > 0:
                 with torch.no_grad():
                     draw = self._draw(model, guide, args, kwargs)
             self._adversary_update(model, draw, args, kwargs)
         return value
+
+    # the compiled path's protocol (pyro_fdiv.inference.compiled.Compilable)
+    def _eager_grads(self, model, guide, args, kwargs, part=""):
+        draw = self._prepare(model, guide, args, kwargs)
+        loss = -self._elbo(draw).mean(0).sum() * draw.weights.scale
+        value = self._checked(loss, draw)
+        if loss.requires_grad:
+            loss.backward(retain_graph=self.retain_graph)
+        self._elbo_draw = draw
+        return value, None
+
+    def _traced_loss(self, model, guide, args, kwargs, part=""):
+        draw = self._prepare(model, guide, args, kwargs)
+        loss = -self._elbo(draw).mean(0).sum() * draw.weights.scale
+        return loss, None, (draw.z,) if draw.x is None else (draw.z, draw.x)
+
+    def _program_modules(self) -> list[nn.Module]:
+        return [self.discriminator] if self.discriminator is not None else []
+
+    def _compile_refusal(self, part: str = "") -> str | None:
+        if not self.adaptive_contrast and self.num_adversary_steps:
+            return (
+                "the prior contrast (adaptive_contrast=False) draws the discriminator's prior "
+                "samples from the step's guide trace"
+            )
+        return None
+
+    def _raise_non_finite(self, value, model, guide, args, kwargs, part="") -> None:
+        with torch.no_grad():  # the same draw, eagerly: the check names the sites
+            draw = self._prepare(model, guide, args, kwargs)
+            self._checked(-self._elbo(draw).mean(0).sum() * draw.weights.scale, draw)
+        raise ValueError(
+            f"AVB: the compiled loss is {value}, but the same draw's loss is finite eagerly: "
+            "the compiled program's arithmetic overflowed. Run with compile=False, or in float64."
+        )
 
     def adversary_step(self, model, guide, *args, **kwargs) -> float:
         """

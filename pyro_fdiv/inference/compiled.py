@@ -36,12 +36,12 @@ import functools
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer import SVI
+from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.optim import PyroOptim
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK
@@ -51,7 +51,7 @@ from torch.utils import _pytree
 
 from pyro_fdiv.checkpoint import get_rng_state, set_rng_state
 
-__all__ = ["CompiledLoss", "Step", "TraceFailure", "make_step"]
+__all__ = ["Compilable", "CompiledLoss", "Step", "TraceFailure", "can_compile", "make_step"]
 
 #: Options passed to ``torch.compile`` unless overridden by ``compile_options``.
 DEFAULT_OPTIONS: dict[str, Any] = {"options": {"fallback_random": True}}
@@ -110,22 +110,26 @@ def _filled(cell) -> bool:
     return True
 
 
+Slot = tuple[dict, str]  # a module's ``_parameters`` or ``_buffers`` and a key in it
+
+
 @contextlib.contextmanager
-def _swapped(slots: list[tuple[torch.nn.Module, str]], values: list[torch.Tensor]) -> Iterator:
-    """Temporarily put ``values`` in the modules' parameter slots (``functional_call``'s
-    mechanism)."""
-    saved: list[Any] = [module._parameters[name] for module, name in slots]
+def _swapped(slots: list[Slot], values: list[torch.Tensor]) -> Iterator:
+    """Temporarily put ``values`` in the modules' parameter and buffer slots
+    (``functional_call``'s mechanism)."""
+    saved: list[Any] = [table[name] for table, name in slots]
     try:
-        for (module, name), value in zip(slots, values, strict=True):
-            module._parameters[name] = value  # type: ignore[assignment]
+        for (table, name), value in zip(slots, values, strict=True):
+            table[name] = value
         yield
     finally:
-        for (module, name), value in zip(slots, saved, strict=True):
-            module._parameters[name] = value
+        for (table, name), value in zip(slots, saved, strict=True):
+            table[name] = value
 
 
-def _module_slots(fns: tuple, params: list[torch.Tensor]) -> list[tuple[int, torch.nn.Module, str]]:
-    """``(index in params, module, name)`` of every module slot holding one of ``params``."""
+def _module_slots(fns: tuple, params: list[torch.Tensor]) -> list[tuple[int, dict, str]]:
+    """``(index in params, module._parameters, name)`` of every module slot holding one of
+    ``params``."""
     index = {id(p): i for i, p in enumerate(params)}
     slots, seen = [], set()
     for root in _modules(*fns):
@@ -135,7 +139,27 @@ def _module_slots(fns: tuple, params: list[torch.Tensor]) -> list[tuple[int, tor
             seen.add(id(module))
             for name, value in module._parameters.items():
                 if value is not None and id(value) in index:
-                    slots.append((index[id(value)], module, name))
+                    slots.append((index[id(value)], module._parameters, name))
+    return slots
+
+
+def tensor_slots(modules: Sequence[torch.nn.Module], exclude: list[torch.Tensor]) -> list[Slot]:
+    """The parameter and buffer slots of ``modules`` (an objective's own networks and data,
+    e.g. a critic, a discriminator, a training set), except those holding ``exclude``: inputs
+    of the program, read afresh on every call, without gradient."""
+    skip = {id(t) for t in exclude}
+    slots: list[Slot] = []
+    seen: set[int] = set()
+    for root in modules:
+        for module in root.modules():
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            for table in (module._parameters, module._buffers):
+                for name, value in table.items():
+                    if value is not None and id(value) not in skip:
+                        slots.append((table, name))
+                        skip.add(id(value))
     return slots
 
 
@@ -177,7 +201,7 @@ def traced_loss(objective, model, guide, args: tuple, kwargs: dict) -> tuple[tor
     ``differentiable_loss``."""
     own = getattr(objective, "_traced_loss", None)
     if own is not None:
-        return own(model, guide, args, kwargs)
+        return own(model, guide, args, kwargs)[:2]
     return objective.differentiable_loss(model, guide, *args, **kwargs), None
 
 
@@ -199,6 +223,17 @@ def _tracing() -> Iterator:
         _PYRO_STACK[:] = outer
 
 
+class Captured(NamedTuple):
+    """A traced program and what running it needs."""
+
+    graph: torch.fx.GraphModule
+    inputs: list[torch.Tensor]  # example inputs: flat parameters and state, extras, arguments
+    signature: Any  # what the loss function returned as the sample sites' signature
+    used: list[int]  # indices of the parameters whose gradients the program returns
+    extra_slots: list[Slot]  # the objective's own tensors, inputs after the state
+    num_aux: int  # tensors the loss function returned besides the loss, output last
+
+
 def capture(
     loss_fn: Callable,
     model: Callable,
@@ -208,28 +243,37 @@ def capture(
     kwargs: dict,
     update: Callable | None = None,
     state: Sequence[torch.Tensor] = (),
-) -> tuple[torch.fx.GraphModule, list[torch.Tensor], Any, Any]:
+    wrt: Sequence[str] | None = None,
+    modules: Sequence[torch.nn.Module] = (),
+) -> Captured:
     """
-    Trace ``loss_fn(model, guide, args, kwargs) -> (loss, signature)`` and its gradient in the
-    unconstrained parameters ``names`` into one FX graph of ATen ops
-    ``(params..., state..., tensor args...) -> (loss, grads of the used parameters...)``; with
-    ``update``,
-    ``update(params, grads, state)`` runs after the gradient in the same graph (the optimizer
-    step, writing into ``params`` and ``state``) and the graph returns ``(loss,)``.
+    Trace ``loss_fn(model, guide, args, kwargs) -> (loss, signature[, aux])`` and its gradient
+    in the unconstrained parameters ``names`` into one FX graph of ATen ops
+    ``(params..., state..., extras..., tensor args...) -> (loss, grads of the used
+    parameters..., aux...)``; with ``update``, ``update(params, grads, state, loss)`` runs after
+    the gradient in the same graph (the optimizer step, writing into ``params`` and ``state``)
+    and the graph returns ``(loss, aux...)``.
 
-    :returns: the graph, example inputs (the flat parameters and state, the tensor
-        arguments), the signature ``loss_fn`` returned while tracing, and the indices of the
-        parameters the loss depends on (the others get no gradient: eager ``backward`` leaves
-        their ``.grad`` as it was, so an optimizer skips or steps them as it would eagerly).
+    :param wrt: the names to differentiate (default: all); the other parameters are inputs
+        without gradient (e.g. the model's parameters in a step of the guide alone).
+    :param modules: modules of the objective's own (a critic, a discriminator, the training
+        set): their parameters and buffers are inputs without gradient (``extras``), read
+        afresh on every call, so the objective may update them between steps.
+    :returns: the graph and its example inputs, the signature ``loss_fn`` returned while
+        tracing, the indices of the parameters the loss depends on (the others get no gradient:
+        eager ``backward`` leaves their ``.grad`` as it was, so an optimizer skips or steps them
+        as it would eagerly), the extras' slots and the number of auxiliary outputs.
     :raises TraceFailure: when the loss cannot be one graph (a data-dependent branch, a
-        parameter read outside ``pyro.param`` and the modules of model and guide).
+        parameter read outside ``pyro.param`` and the modules of model, guide and objective).
     """
     store = pyro.get_param_store()
     params = [store._params[name] for name in names]
     slots = _module_slots((model, guide), params)
+    extra_slots = tensor_slots(modules, params)
     tensors, rebuild, _ = split_arguments(args, kwargs)
-    num_params, num_state = len(params), len(state)
-    signature = []
+    num_params, num_state, num_extras = len(params), len(state), len(extra_slots)
+    differentiate = [i for i, name in enumerate(names) if wrt is None or name in wrt]
+    recorded: list[tuple] = []
 
     shapes = [p.shape for p in params] + [t.shape for t in state]
     if not all(t.is_contiguous() for t in (*params, *state)):
@@ -239,24 +283,36 @@ def capture(
         # parameters and state arrive flat (Inductor drops in-place writes to 0-dim inputs)
         flat = inputs[: num_params + num_state]
         raw = [x.view(shape) for x, shape in zip(flat, shapes, strict=True)]
+        # every parameter a leaf requiring grad, as in the store (pyro.module checks it); only
+        # those in ``wrt`` are differentiated
         leaves = [p.detach().requires_grad_() for p in raw[:num_params]]
-        new_args, new_kwargs = rebuild(list(inputs[num_params + num_state :]))
-        swap = _swapped([(m, n) for _, m, n in slots], [leaves[i] for i, _, _ in slots])
+        extras = list(inputs[num_params + num_state : num_params + num_state + num_extras])
+        new_args, new_kwargs = rebuild(list(inputs[num_params + num_state + num_extras :]))
+        swap = _swapped(
+            [(table, n) for _, table, n in slots] + extra_slots,
+            [leaves[i] for i, _, _ in slots] + extras,
+        )
         with _Substitute(dict(zip(names, leaves, strict=True))), swap:
-            loss, sig = loss_fn(model, guide, new_args, new_kwargs)
-        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-        signature.append((sig, [i for i, g in enumerate(grads) if g is not None]))
+            loss, sig, *rest = loss_fn(model, guide, new_args, new_kwargs)
+        aux = tuple(a.detach() for a in (rest[0] if rest else ()))
+        grads: list[torch.Tensor | None] = [None] * num_params
+        if differentiate and loss.requires_grad:
+            found = torch.autograd.grad(loss, [leaves[i] for i in differentiate], allow_unused=True)
+            for i, g in zip(differentiate, found, strict=True):
+                grads[i] = g
+        recorded.append((sig, [i for i, g in enumerate(grads) if g is not None], len(aux)))
         if update is None:  # the gradients of the parameters the loss depends on
-            return (loss.detach(), *[g for g in grads if g is not None])
-        grads = [
+            return (loss.detach(), *[g for g in grads if g is not None], *aux)
+        filled = [
             torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads, strict=True)
         ]
-        new = update(raw[:num_params], grads, raw[num_params:], loss.detach())
+        new = update(raw[:num_params], filled, raw[num_params:], loss.detach())
         for target, value in zip(flat, new, strict=True):
             target.copy_(value.reshape(-1))
-        return (loss.detach(),)
+        return (loss.detach(), *aux)
 
-    inputs = [*flat_inputs(params), *flat_inputs(state), *tensors]
+    extras = [table[name].detach() for table, name in extra_slots]
+    inputs = [*flat_inputs(params), *flat_inputs(state), *extras, *tensors]
     with _tracing(), quiet_compile():
         try:
             gm = make_fx(program, tracing_mode="fake", _allow_non_fake_inputs=True)(*inputs)
@@ -265,11 +321,11 @@ def capture(
     leaked = _leaked_parameters(gm, store)
     if leaked:
         raise TraceFailure(
-            f"the parameters {leaked} are read outside pyro.param and the modules of the model "
-            "and guide, so the trace would freeze them"
+            f"the parameters {leaked} are read outside pyro.param and the modules of the model, "
+            "guide and objective, so the trace would freeze them"
         )
-    sig, used = signature[0]
-    return gm, inputs, sig, used
+    sig, used, num_aux = recorded[0]
+    return Captured(gm, inputs, sig, used, extra_slots, num_aux)
 
 
 def outer_handlers() -> str | None:
@@ -402,10 +458,14 @@ def _warn_eager(owner: str, reason: str) -> None:
 class _Program:
     """One compiled graph and what it was captured with."""
 
-    def __init__(self, fn: Callable, used: list[int], names: list[str], params: list[torch.Tensor]):
-        self.compiled, self.used, self.names, self.params = fn, used, names, params
-        self.flat = flat_inputs(params)  # the same storage, written in place
-        self.store = pyro.get_param_store()
+    def __init__(self, fn: Callable, captured: Captured, names: list[str]):
+        store = pyro.get_param_store()
+        self.compiled, self.names, self.store = fn, names, store
+        self.used, self.num_aux = captured.used, captured.num_aux
+        self.params = [store._params[name] for name in names]
+        self.flat = flat_inputs(self.params)  # the same storage, written in place
+        self.extra_slots = captured.extra_slots
+        self.extra_meta = [_meta(table[name]) for table, name in self.extra_slots]
         self.fn = self._first_call
 
     def _first_call(self, *inputs):
@@ -425,6 +485,18 @@ class _Program:
             return None
         return current
 
+    def extras(self) -> list[torch.Tensor] | None:
+        """The objective's own tensors as they are now, or ``None`` when one changed its shape,
+        dtype or device (the program must be captured again)."""
+        values = [table[name] for table, name in self.extra_slots]
+        if any(_meta(v) != m for v, m in zip(values, self.extra_meta, strict=True)):
+            return None
+        return [v.detach() for v in values]
+
+
+def _meta(t: torch.Tensor) -> tuple:
+    return t.shape, t.stride(), t.dtype, t.device
+
 
 class _ProgramCache:
     """Programs by key, the keys that run eagerly, and the one warning: what
@@ -437,28 +509,15 @@ class _ProgramCache:
         self.warned = False
 
     def _compile(
-        self,
-        key,
-        reason,
-        loss_fn,
-        model,
-        guide,
-        names,
-        args,
-        kwargs,
-        validated,
-        update=None,
-        state=(),
-    ) -> tuple[Callable, list[int]] | None:
-        """Capture and compile the program of ``key``: the compiled function and the indices of
-        the parameters it returns gradients of; ``None`` (with the one warning, and ``key`` run
+        self, key, reason, loss_fn, model, guide, names, args, kwargs, validated, **options
+    ) -> tuple[Callable, Captured] | None:
+        """Capture and compile the program of ``key`` (``options`` go to :func:`capture`): the
+        compiled function and its capture; ``None`` (with the one warning, and ``key`` run
         eagerly from then on) when ``reason`` or the capture refuses it."""
         if reason is None:
             try:
-                gm, inputs, signature, used = capture(
-                    loss_fn, model, guide, names, args, kwargs, update, state
-                )
-                if validated is not None and signature != validated:
+                captured = capture(loss_fn, model, guide, names, args, kwargs, **options)
+                if validated is not None and captured.signature != validated:
                     reason = "the traced sample sites differ from the eager run's"
             except TraceFailure as error:
                 reason = f"it cannot be traced once ({error})"
@@ -470,74 +529,164 @@ class _ProgramCache:
             return None
         if len(self.programs) >= MAX_PROGRAMS:
             self.programs.pop(next(iter(self.programs)))
-        return compile_graph(gm, inputs, self.compile_options), used
+        return compile_graph(captured.graph, captured.inputs, self.compile_options), captured
 
 
 class CompiledLoss(_ProgramCache):
     """
-    The compiled ``loss_and_grads`` of an objective (``compile=True``): loss and gradient of
-    the unconstrained parameters from one compiled graph per key; see the module docstring.
+    The compiled gradient steps of an objective (``compile=True``): loss and gradient of the
+    unconstrained parameters from one compiled graph per key; see the module docstring.
 
-    :param objective: the objective; it provides ``_eager_loss_and_grads``, ``_traced_loss``,
-        ``_compile_refusal`` and ``_raise_non_finite``.
+    An objective may have several programs, its *parts* (the f-divergence bound's guide step
+    and model step): :meth:`grads` runs one. What the objective provides, for a part
+    (``""``, the objective's one loss, unless it has several):
+
+    - ``_eager_grads(model, guide, args, kwargs, part) -> (value, params)``: the eager step:
+      the loss, its gradient written into the parameters' ``.grad``, and the parameters written
+      (``None``: all that the loss reaches);
+    - ``_traced_loss(model, guide, args, kwargs, part) -> (loss, signature[, aux])``: the
+      differentiable loss without its finite check, the sample sites' signature (or ``None``),
+      and optionally a tuple of tensors the step needs afterwards (returned detached);
+    - ``_program_key(part)``: a hashable of the settings the program bakes in (``()``), or
+      ``None`` to run this step eagerly (e.g. while a schedule changes them every step);
+    - ``_program_wrt(part)``: the parameter names to differentiate, or ``None`` for all;
+    - ``_program_modules()``: the objective's own modules, whose tensors are program inputs;
+    - ``_compile_refusal(part)``: why the part cannot be one traced program (after an eager
+      step), or ``None``;
+    - ``_raise_non_finite(value, model, guide, args, kwargs, part)``: re-run the draw eagerly
+      and raise the error naming the sites;
+    - ``check_finite`` and ``_validated`` (the eager run's signature of the sample sites, or
+      ``None``).
+
+    :param objective: the objective.
     :param dict compile_options: keyword arguments of ``torch.compile``.
     """
 
     def __init__(self, objective, compile_options: dict | None = None):
         super().__init__(type(objective).__name__, compile_options)
         self.objective = objective
+        #: The auxiliary tensors of the last :meth:`grads` (``None`` after an eager step).
+        self.aux: tuple[torch.Tensor, ...] | None = None
 
     def __getstate__(self) -> dict:
         # compiled programs are not pickled (nor checkpointed): a copy captures its own
-        return {**self.__dict__, "programs": {}, "eager_keys": set(), "warned": False}
+        return {**self.__dict__, "programs": {}, "eager_keys": set(), "warned": False, "aux": None}
 
     def loss_and_grads(self, model, guide, args: tuple, kwargs: dict) -> float:
-        if _PYRO_STACK and outer_handlers() is not None:  # handlers the program would skip
-            return self.objective._eager_loss_and_grads(model, guide, args, kwargs)
+        """:meth:`grads` of the objective's one part: the loss."""
+        return self.grads(model, guide, args, kwargs)[0]
+
+    def grads(
+        self, model, guide, args: tuple, kwargs: dict, part: str = ""
+    ) -> tuple[float, list[torch.Tensor] | None]:
+        """The loss of ``part`` and its gradient added to the parameters' ``.grad``, compiled
+        where it can be; returns the value and the parameters written (``None``: whatever an
+        eager ``backward`` reached)."""
+        objective = self.objective
+        self.aux = None
+        settings = objective._program_key(part)
+        if settings is None or (_PYRO_STACK and outer_handlers() is not None):
+            return objective._eager_grads(model, guide, args, kwargs, part)
         tensors, _, arg_key = split_arguments(args, kwargs)
-        key = (model, guide, arg_key)
+        key = (part, settings, model, guide, arg_key)
         program = self.programs.get(key)
         if program is not None:
-            params = program.current()
-            if params is not None:
-                return self._run(program, params, tensors, model, guide, args, kwargs)
+            params, extras = program.current(), program.extras()
+            if params is not None and extras is not None:
+                return self._run(program, params, extras, tensors, model, guide, args, kwargs, part)
             del self.programs[key]  # other parameter tensors: capture again
         elif key in self.eager_keys:
-            return self.objective._eager_loss_and_grads(model, guide, args, kwargs)
-        return self._first(key, model, guide, args, kwargs)
+            return objective._eager_grads(model, guide, args, kwargs, part)
+        return self._first(key, model, guide, args, kwargs, part)
 
-    def _first(self, key, model, guide, args, kwargs) -> float:
+    def _first(self, key, model, guide, args, kwargs, part):
         objective = self.objective
         objective._validated = None  # a new program: validate its first step
         with poutine.trace(param_only=True) as capture_params:
-            value = objective._eager_loss_and_grads(model, guide, args, kwargs)
+            out = objective._eager_grads(model, guide, args, kwargs, part)
         names = list(capture_params.trace.nodes)
-        reason = objective._compile_refusal() or outer_handlers()
-        validated = objective._validated
+        reason = objective._compile_refusal(part) or outer_handlers()
         compiled = self._compile(
-            key, reason, objective._traced_loss, model, guide, names, args, kwargs, validated
+            key,
+            reason,
+            functools.partial(objective._traced_loss, part=part),
+            model,
+            guide,
+            names,
+            args,
+            kwargs,
+            objective._validated,
+            wrt=objective._program_wrt(part),
+            modules=objective._program_modules(),
         )
         if compiled is not None:
-            store = pyro.get_param_store()
-            self.programs[key] = _Program(*compiled, names, [store._params[n] for n in names])
-        return value
+            self.programs[key] = _Program(*compiled, names)
+        return out
 
-    def _run(self, program, params, tensors, model, guide, args, kwargs) -> float:
+    def _run(self, program, params, extras, tensors, model, guide, args, kwargs, part):
         state = torch.get_rng_state()
-        out = program.fn(*program.flat, *tensors)
+        out = program.fn(*program.flat, *extras, *tensors)
         value = out[0].item()
         if self.objective.check_finite and not math.isfinite(value):
             torch.set_rng_state(state)
-            self.objective._raise_non_finite(value, model, guide, args, kwargs)
-        for i, g in zip(program.used, out[1:], strict=True):
+            self.objective._raise_non_finite(value, model, guide, args, kwargs, part)
+        grads = out[1 : len(out) - program.num_aux]
+        written = []
+        for i, g in zip(program.used, grads, strict=True):
             p = params[i]
             if p.grad is None:
                 p.grad = g
             else:
                 p.grad.add_(g)
+            written.append(p)
+        if program.num_aux:
+            self.aux = tuple(out[len(out) - program.num_aux :])
         if _PYRO_STACK:  # SVI's parameter capture: record the parameters read
             record_params(program.names)
-        return value
+        return value, written
+
+
+class Compilable:
+    """
+    The ``compile=`` and ``compile_options=`` keywords of every objective, and the defaults of
+    :class:`CompiledLoss`'s protocol: a subclass calls :meth:`_init_compile` and runs each of
+    its gradient steps through :meth:`_grads`, defines ``_eager_grads`` and ``_traced_loss``,
+    and overrides the other members where its step needs them.
+    """
+
+    _compiled: CompiledLoss | None = None
+    _validated: Any = None
+    check_finite: bool = True
+
+    def _init_compile(self, compile: bool, compile_options: dict | None) -> None:
+        if not isinstance(compile, bool):
+            raise ValueError(f"Expected compile to be a bool, actual {compile!r}")
+        if compile_options is not None and not isinstance(compile_options, dict):
+            raise TypeError(f"Expected compile_options to be a dict, actual {compile_options!r}")
+        self._compiled = CompiledLoss(self, compile_options) if compile else None
+
+    def _grads(
+        self, model, guide, args: tuple, kwargs: dict, part: str = ""
+    ) -> tuple[float, list[torch.Tensor] | None]:
+        """The gradient step ``part``: compiled with ``compile=True``, else eager."""
+        if self._compiled is not None:
+            return self._compiled.grads(model, guide, args, kwargs, part)
+        return self._eager_grads(model, guide, args, kwargs, part)
+
+    def _eager_grads(self, model, guide, args, kwargs, part: str) -> tuple[float, Any]:
+        raise NotImplementedError
+
+    def _program_key(self, part: str) -> tuple | None:
+        return ()
+
+    def _program_wrt(self, part: str) -> list[str] | None:
+        return None
+
+    def _program_modules(self) -> list[torch.nn.Module]:
+        return []
+
+    def _compile_refusal(self, part: str = "") -> str | None:
+        return None
 
 
 @contextlib.contextmanager
@@ -643,10 +792,20 @@ class Step(_ProgramCache):
         self.svi = SVI(model, guide, optim, loss)
         self.compile = compile
         super().__init__("make_step", compile_options)
+        #: Why the whole step cannot be one program (``None`` when it can).
+        self.whole_step_refusal = _whole_step_refusal(loss)
+        if compile and self.whole_step_refusal is not None and isinstance(loss, Compilable):
+            if loss._compiled is None:  # its gradient steps, as its own compile=True would
+                loss._init_compile(True, compile_options)
 
     def __call__(self, *args, **kwargs) -> float:
         if not self.compile:
             return self.svi.step(*args, **kwargs)
+        if self.whole_step_refusal is not None:
+            if not self.warned and getattr(self.loss, "_compiled", None) is None:
+                self.warned = True
+                _warn_eager(self.owner, self.whole_step_refusal)
+            return self.svi.step(*args, **kwargs)  # the objective's own compile=True applies
         tensors, _, key = split_arguments(args, kwargs)
         entry = self.programs.get(key)
         if entry is not None:
@@ -668,7 +827,8 @@ class Step(_ProgramCache):
         names = list(capture_params.trace.nodes)
         store = pyro.get_param_store()
         params = [store._params[n] for n in names]
-        reason = getattr(loss, "_compile_refusal", lambda: None)() or outer_handlers()
+        refusal = getattr(loss, "_compile_refusal", None)
+        reason = (refusal("") if refusal is not None else None) or outer_handlers()
         state = update = None
         settings = [self._settings(p) for p in params] if not self.optim.pt_clip_args else None
         if settings is not None and all(s is not None for s in settings):
@@ -677,8 +837,10 @@ class Step(_ProgramCache):
                 slot = self.optim.optim_objs[p].state[p]
                 state += [slot["step"], slot["exp_avg"], slot["exp_avg_sq"]]
             update = adam_update(settings, guard=getattr(loss, "check_finite", True))  # type: ignore[arg-type]
-        loss_fn = getattr(loss, "_traced_loss", None) or functools.partial(traced_loss, loss)
-        validated = getattr(loss, "_validated", None)
+        if hasattr(loss, "_traced_loss"):
+            loss_fn = functools.partial(loss._traced_loss, part="")
+        else:
+            loss_fn = functools.partial(traced_loss, loss)
         compiled = self._compile(
             key,
             reason,
@@ -688,13 +850,13 @@ class Step(_ProgramCache):
             names,
             args,
             kwargs,
-            validated,
-            update,
-            state or (),
+            getattr(loss, "_validated", None),
+            update=update,
+            state=state or (),
         )
         if compiled is not None:
             flat = None if state is None else flat_inputs(state)
-            self.programs[key] = (_Program(*compiled, names, params), state, flat)
+            self.programs[key] = (_Program(*compiled, names), state, flat)
         return value
 
     def _settings(self, param: torch.Tensor) -> tuple | None:
@@ -719,13 +881,32 @@ class Step(_ProgramCache):
         value = out[0].item()
         if getattr(self.loss, "check_finite", False) and not math.isfinite(value):
             torch.set_rng_state(rng)
-            self.loss._raise_non_finite(value, self.model, self.guide, args, kwargs)
+            self.loss._raise_non_finite(value, self.model, self.guide, args, kwargs, "")
         if state is None:  # compiled loss and gradient, the optimizer's own step
-            for i, g in zip(program.used, out[1:], strict=True):
+            for i, g in zip(program.used, out[1 : len(out) - program.num_aux], strict=True):
                 params[i].grad = g
             self.optim(params)
             pyro.infer.util.zero_grads(set(params))
         return value
+
+
+def _whole_step_refusal(loss) -> str | None:
+    """Why ``loss``'s step is more than its loss's gradient and the optimizer update (inner
+    optimizers, chains, schedules: state updated outside the gradient), so the whole step
+    cannot be one program; ``None`` for the objectives whose step is only that."""
+    if getattr(loss, "_whole_step", False) or type(loss) in (Trace_ELBO, TraceMeanField_ELBO):
+        return None
+    return (
+        f"{type(loss).__name__}'s step updates state of its own besides the gradient (inner "
+        "optimizers, chains or schedules), so make_step runs SVI.step; the objective's own "
+        "compile=True compiles its gradient steps"
+    )
+
+
+def can_compile(loss) -> bool:
+    """Whether :func:`make_step` compiles anything of ``loss``'s step: the whole step, or the
+    objective's own gradient steps (:class:`Compilable`)."""
+    return _whole_step_refusal(loss) is None or isinstance(loss, Compilable)
 
 
 def make_step(
@@ -753,9 +934,15 @@ def make_step(
     :param model: the model.
     :param guide: the guide.
     :param optim: a ``pyro.optim`` optimizer, as ``SVI`` takes.
-    :param loss: the objective (any with ``differentiable_loss``; the objectives of
-        :class:`~pyro_fdiv.inference.ImportanceObjective` are traced without their finite
-        check, which runs on the compiled loss instead).
+    :param loss: the objective: one of :class:`~pyro_fdiv.inference.ImportanceObjective`'s
+        (traced without its finite check, which runs on the compiled loss instead), or Pyro's
+        ``Trace_ELBO`` or ``TraceMeanField_ELBO`` (traced through ``differentiable_loss``).
+        An objective whose step updates state of its own besides the gradient (the
+        f-divergence bound's guide steps and spread schedule, the critics of
+        :class:`~pyro_fdiv.inference.FGANBound` and :class:`~pyro_fdiv.inference.AVB`, the
+        chains of :class:`~pyro_fdiv.inference.JSA`) runs ``SVI.step``, its gradient steps
+        compiled as by its own ``compile=True`` (which this turns on); one without a compiled
+        path (``JSA``) runs eagerly, with one warning.
     :param bool compile: compile the step (default) or run ``SVI.step``.
     :param dict compile_options: keyword arguments of ``torch.compile``; by default
         ``{"options": {"fallback_random": True}}`` (draws equal to eager ones; see the module

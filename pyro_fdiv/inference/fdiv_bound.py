@@ -16,6 +16,7 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 
 from pyro_fdiv.divergences import Divergence, ForwardKL, ReverseKL, as_divergence
+from pyro_fdiv.inference.compiled import Compilable
 from pyro_fdiv.inference.data_density import DataDensity, as_data_density
 from pyro_fdiv.inference.generative import (
     DataArgument,
@@ -23,6 +24,7 @@ from pyro_fdiv.inference.generative import (
     find_observation,
     reparameterized_or_raise,
     repeat_batch,
+    trace_param_names,
     trace_params,
     traced_once,
 )
@@ -81,7 +83,7 @@ class _Draw(NamedTuple):
     traces: dict[str, Trace]
 
 
-class FDivergenceBound(InnerTraining, ELBO):
+class FDivergenceBound(Compilable, InnerTraining, ELBO):
     r"""
     The auxiliary f-divergence upper bound of [1] for learning a latent generative model
     :math:`p_\theta(x, z) = p_\theta(x \mid z) p(z)` by any f-divergence, with an encoder
@@ -212,6 +214,13 @@ class FDivergenceBound(InnerTraining, ELBO):
         naming the model and guide sites, and the data density :math:`\log \hat p(y)`, whose
         log-densities are not finite whenever the bound is not finite; ``False`` skips the
         check (no device synchronization in :meth:`differentiable_loss`).
+    :param bool compile: when ``True``, both players' gradient steps in :meth:`loss_and_grads`
+        (each guide step and the model step) run as compiled programs
+        (:class:`~pyro_fdiv.inference.compiled.CompiledLoss`), the optimizers eagerly; the
+        spread width is a constant of a program, so while a
+        :class:`~pyro_fdiv.inference.spread.SpreadSchedule` anneals the steps are eager, and
+        they compile once it is constant (the paper's MNIST recipe keeps it fixed).
+    :param dict compile_options: keyword arguments of ``torch.compile``.
 
     **References**
 
@@ -242,11 +251,15 @@ class FDivergenceBound(InnerTraining, ELBO):
         obs_site: str | None = None,
         max_plate_nesting: float = float("inf"),
         check_finite: bool = True,
+        compile: bool = False,
+        compile_options: dict | None = None,
     ):
         super().__init__(
             num_particles=check_num_particles(num_particles), max_plate_nesting=max_plate_nesting
         )
         self.check_finite = check_flag("check_finite", check_finite)
+        self._init_compile(compile, compile_options)
+        self._param_names: dict[str, list[str]] = {}  # per trace kind, for the programs
         self.num_importance_samples = check_integer(
             "num_importance_samples", num_importance_samples, 1
         )
@@ -565,29 +578,80 @@ class FDivergenceBound(InnerTraining, ELBO):
             self._checked(bound, draw)
         return bound
 
-    def _guide_step(self, model, guide, args, kwargs) -> torch.Tensor:
-        """One update of the guide's parameters with ``guide_optim``; the detached bound."""
-        bound, draw = self._bound(model, guide, args, kwargs, for_guide=True)
-        if self.check_finite:
-            self._checked(bound, draw)
-        model_params = trace_params(draw.weights.model_trace)
-        params = [
-            p
-            for p in trace_params(draw.weights.guide_trace)
-            if all(p is not q for q in model_params)
-        ]
-        if not params:
-            raise ValueError("guide_steps > 0 but the guide has no parameters to update")
-        grads = torch.autograd.grad(bound, params, allow_unused=True)
-        stepped = []
-        for p, g in zip(params, grads, strict=True):
-            if g is not None:
-                p.grad = g
-                stepped.append(p)
-        self.guide_optim(stepped)
-        for p in stepped:
+    def _guide_step(self, model, guide, args, kwargs) -> float:
+        """One update of the guide's parameters with ``guide_optim``; the bound's value."""
+        value, params = self._grads(model, guide, args, kwargs, "guide")
+        self.guide_optim(params)
+        for p in params:
             p.grad = None
-        return bound.detach()
+        return value
+
+    # ---------------------------------------------------------------- the two players' steps
+    def _eager_grads(self, model, guide, args, kwargs, part: str):
+        """The gradient step of the guide (``part="guide"``: into the guide's own parameters,
+        which it returns) or of the model (``"model"``: into the model's parameters, or all
+        with ``guide_steps=0``)."""
+        bound, draw = self._bound(model, guide, args, kwargs, for_guide=part == "guide")
+        value = self._checked(bound, draw)
+        model_trace = draw.weights.model_trace
+        self._param_names = {
+            "model": trace_param_names(model_trace),
+            "guide": trace_param_names(draw.weights.guide_trace),
+        }
+        if part == "guide":
+            model_params = trace_params(model_trace)
+            params = [
+                p
+                for p in trace_params(draw.weights.guide_trace)
+                if all(p is not q for q in model_params)
+            ]
+            if not params:
+                raise ValueError("guide_steps > 0 but the guide has no parameters to update")
+            grads = torch.autograd.grad(bound, params, allow_unused=True)
+            stepped = []
+            for p, g in zip(params, grads, strict=True):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad + g
+                    stepped.append(p)
+            return value, stepped
+        if bound.requires_grad:
+            if self.guide_steps:
+                params = trace_params(model_trace)
+                if params:
+                    bound.backward(inputs=params, retain_graph=self.retain_graph)
+            else:
+                bound.backward(retain_graph=self.retain_graph)
+        return value, None
+
+    def _traced_loss(self, model, guide, args, kwargs, part=""):
+        return self._bound(model, guide, args, kwargs, for_guide=part == "guide")[0], None
+
+    def _program_key(self, part: str) -> tuple | None:
+        schedule = self.schedule
+        if schedule is None:
+            return ()
+        if schedule.start != schedule.end and schedule.t < schedule.num_steps:
+            return None  # sigma changes every step: eager until the schedule ends
+        return (schedule.sigma,)
+
+    def _program_wrt(self, part: str) -> list[str] | None:
+        names = self._param_names
+        if part == "guide":
+            return [n for n in names["guide"] if n not in names["model"]]
+        return names["model"] if self.guide_steps else None
+
+    def _program_modules(self) -> list[torch.nn.Module]:
+        return [self.data]  # the training set and the PCA projection: inputs, not constants
+
+    def _raise_non_finite(self, value, model, guide, args, kwargs, part="") -> None:
+        with torch.no_grad():  # the same draw, eagerly: the check names the sites
+            bound, draw = self._bound(model, guide, args, kwargs, for_guide=part == "guide")
+            self._checked(bound, draw)
+        raise ValueError(
+            f"{type(self).__name__}: the compiled bound is {value}, but the same draw's bound "
+            "is finite eagerly: the compiled program's arithmetic overflowed. Run with "
+            "compile=False, or in float64."
+        )
 
     # ---------------------------------------------------------------- the inner convention
     def _inner_modules(self) -> list[torch.nn.Module]:
@@ -607,10 +671,10 @@ class FDivergenceBound(InnerTraining, ELBO):
         :raises ValueError: naming the sites if the bound is not finite (with
             ``check_finite``).
         """
-        bound = None
+        value = None
         for _ in range(self.guide_steps):
-            bound = self._guide_step(model, guide, args, kwargs)
-        return None if bound is None else bound.item()
+            value = self._guide_step(model, guide, args, kwargs)
+        return value
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         """
@@ -623,15 +687,7 @@ class FDivergenceBound(InnerTraining, ELBO):
             (with ``check_finite``).
         """
         self.step_inner(model, guide, *args, **kwargs)
-        bound, draw = self._bound(model, guide, args, kwargs)
-        value = self._checked(bound, draw)
-        if bound.requires_grad:
-            if self.guide_steps:
-                params = trace_params(draw.weights.model_trace)
-                if params:
-                    bound.backward(inputs=params, retain_graph=self.retain_graph)
-            else:
-                bound.backward(retain_graph=self.retain_graph)
+        value, _ = self._grads(model, guide, args, kwargs, "model")
         if self.schedule is not None:
             self.schedule.step()
         return value

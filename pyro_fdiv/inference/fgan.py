@@ -14,6 +14,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from pyro_fdiv.divergences import Divergence, as_divergence
+from pyro_fdiv.inference.compiled import Compilable
 from pyro_fdiv.inference.data_density import DensityData
 from pyro_fdiv.inference.generative import (
     DataArgument,
@@ -21,6 +22,7 @@ from pyro_fdiv.inference.generative import (
     find_observation,
     reparameterized_or_raise,
     repeat_batch,
+    trace_param_names,
     trace_params,
     traced_once,
 )
@@ -31,7 +33,7 @@ from pyro_fdiv.util import check_flag, check_integer, check_num_particles
 __all__ = ["FGANBound"]
 
 
-class FGANBound(InnerTraining, ELBO):
+class FGANBound(Compilable, InnerTraining, ELBO):
     r"""
     The variational lower bound of [1] on :math:`D_f(P \| Q_\theta)` between the data
     distribution :math:`P` and the model's marginal :math:`Q_\theta = p_\theta(x)`,
@@ -99,9 +101,13 @@ class FGANBound(InnerTraining, ELBO):
         data_arg: int | str = 0,
         obs_site: str | None = None,
         check_finite: bool = True,
+        compile: bool = False,
+        compile_options: dict | None = None,
     ):
         super().__init__(num_particles=check_num_particles(num_particles))
         self.check_finite = check_flag("check_finite", check_finite)
+        self._init_compile(compile, compile_options)
+        self._param_names: list[str] = []
         self.divergence = as_divergence(f)
         if not isinstance(critic, nn.Module):
             raise ValueError(
@@ -260,13 +266,38 @@ class FGANBound(InnerTraining, ELBO):
         :raises ValueError: if the bound is not finite (with ``check_finite``)."""
         self._check_guide(guide, args, kwargs)
         self.step_inner(model, guide, *args, **kwargs)
+        return self._grads(model, guide, args, kwargs)[0]
+
+    # the compiled path's protocol (pyro_fdiv.inference.compiled.Compilable)
+    def _eager_grads(self, model, guide, args, kwargs, part=""):
         x_data, x_model, trace = self._samples(model, args, kwargs)
         bound = self.bound(x_data, x_model)
         value = self._checked(bound, trace)
+        self._param_names = trace_param_names(trace)
         params = trace_params(trace)
         if params and bound.requires_grad:
             bound.backward(inputs=params)
-        return value
+        return value, None
+
+    def _traced_loss(self, model, guide, args, kwargs, part=""):
+        x_data, x_model, _ = self._samples(model, args, kwargs)
+        return self.bound(x_data, x_model), None
+
+    def _program_wrt(self, part: str) -> list[str]:
+        return self._param_names  # the model's: the critic is the inner player's
+
+    def _program_modules(self) -> list[nn.Module]:
+        return [self.critic] + ([self.data] if self.data is not None else [])
+
+    def _raise_non_finite(self, value, model, guide, args, kwargs, part="") -> None:
+        with torch.no_grad():  # the same draw, eagerly: the check names the sites
+            x_data, x_model, trace = self._samples(model, args, kwargs)
+            self._checked(self.bound(x_data, x_model), trace)
+        raise ValueError(
+            f"{type(self).__name__}: the compiled bound is {value}, but the same draw's bound is "
+            "finite eagerly: the compiled program's arithmetic overflowed. Run with "
+            "compile=False, or in float64."
+        )
 
     def state_dict(self) -> dict:
         """The critic's parameters and its optimizer's state."""

@@ -155,6 +155,11 @@ def trace_params(trace: Trace) -> list[torch.Tensor]:
     return params
 
 
+def trace_param_names(trace: Trace) -> list[str]:
+    """The names of the ``pyro.param`` sites in ``trace``."""
+    return [name for name, site in trace.nodes.items() if site["type"] == "param"]
+
+
 def reparameterized_or_raise(sites: dict[str, dict], side: str, objective: str) -> None:
     """Raise ``NotImplementedError`` for sampled sites without ``rsample``."""
     for name, site in sites.items():

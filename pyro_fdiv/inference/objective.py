@@ -13,7 +13,7 @@ from pyro.infer.elbo import ELBO
 from pyro.infer.util import is_validation_enabled
 
 from pyro_fdiv.checkpoint import get_rng_state, set_rng_state
-from pyro_fdiv.inference.compiled import CompiledLoss
+from pyro_fdiv.inference.compiled import Compilable
 from pyro_fdiv.inference.importance import (
     LogWeights,
     checked_value,
@@ -104,7 +104,7 @@ def joint_score(weights: LogWeights) -> torch.Tensor | None:
     return sum(parts[1:], parts[0]) if parts else None
 
 
-class ImportanceObjective(ELBO):
+class ImportanceObjective(Compilable, ELBO):
     r"""
     Base class for objectives built on per-data-point log importance weights.
 
@@ -205,10 +205,7 @@ class ImportanceObjective(ELBO):
         compile_options: dict | None = None,
     ):
         num_particles = check_num_particles(num_particles)
-        check_flag("compile", compile)
-        if compile_options is not None and not isinstance(compile_options, dict):
-            raise TypeError(f"Expected compile_options to be a dict, actual {compile_options!r}")
-        self._compiled = CompiledLoss(self, compile_options) if compile else None
+        self._init_compile(compile, compile_options)
         self.check_finite = check_flag("check_finite", check_finite)
         if validation not in ("first", "always"):
             raise ValueError(f"Expected validation in ('first', 'always'), actual {validation!r}")
@@ -392,28 +389,32 @@ class ImportanceObjective(ELBO):
         :raises ValueError: naming the sites involved if the loss is not finite (with
             ``check_finite``).
         """
-        if self._compiled is not None:
-            return self._compiled.loss_and_grads(model, guide, args, kwargs)
-        return self._eager_loss_and_grads(model, guide, args, kwargs)
+        return self._grads(model, guide, args, kwargs)[0]
 
-    def _traced_loss(self, model, guide, args, kwargs) -> tuple[torch.Tensor, tuple]:
+    # the protocol of the compiled path (pyro_fdiv.inference.compiled.CompiledLoss); one part
+    _whole_step = True  # make_step may compile loss, gradient and optimizer as one program
+
+    def _traced_loss(self, model, guide, args, kwargs, part="") -> tuple[torch.Tensor, tuple]:
         """The differentiable loss without its finite check, and the sample sites'
         signature: what the compiled program captures."""
         weights = self._log_weights(model, guide, args, kwargs, differentiable=True)
         return -self._total(weights, differentiable=True), trace_signature(weights)
 
-    def _compile_refusal(self) -> str | None:
+    def _compile_refusal(self, part: str = "") -> str | None:
         """Why the step cannot be one traced program (after an eager step), or ``None``."""
         if self.num_particles > 1 and self._vectorize is False:
             return "the particles run one after another (the sequential-particle path)"
         return None
 
-    def _raise_non_finite(self, value: float, model, guide, args, kwargs) -> None:
+    def _raise_non_finite(self, value: float, model, guide, args, kwargs, part="") -> None:
         """Re-run the step's draw eagerly to name the sites of a non-finite compiled loss."""
         with torch.no_grad():
             weights = self._log_weights(model, guide, args, kwargs)
             self._checked(-self._total(weights, differentiable=False), weights)
         raise_non_finite(value, type(self).__name__, weights)
+
+    def _eager_grads(self, model, guide, args, kwargs, part="") -> tuple[float, None]:
+        return self._eager_loss_and_grads(model, guide, args, kwargs), None
 
     def _eager_loss_and_grads(self, model, guide, args, kwargs) -> float:
         weights = self._log_weights(model, guide, args, kwargs, differentiable=True)
