@@ -135,6 +135,10 @@ class ReweightedWakeSleep(ImportanceObjective):
     Wake-Sleep for Models with Stochastic Control Flow*. UAI 2019.
     """
 
+    insomnia: float
+    model_has_params: bool
+    num_sleep_particles: int
+
     def __init__(
         self,
         num_particles: int = 2,
