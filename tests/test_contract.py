@@ -15,8 +15,17 @@ import pytest
 import torch
 from torch import nn
 
-from pyro_fdiv.inference import AVB, IWAE, JSA, BlackBoxAlpha, FDivergenceBound, FGANBound
+from pyro_fdiv.inference import (
+    AVB,
+    IWAE,
+    JSA,
+    BlackBoxAlpha,
+    FDivergenceBound,
+    FGANBound,
+    ReweightedWakeSleep,
+)
 from pyro_fdiv.inference.compiled import Compilable, CompiledLoss
+from pyro_fdiv.inference.objective import ImportanceObjective
 
 
 def target():
@@ -83,6 +92,8 @@ CASES = {
     "avb-prior-contrast": Case(
         lambda k: AVB(num_particles=k, adaptive_contrast=False), compiles=False
     ),
+    # self-normalized weights need K >= 2
+    "rws": Case(lambda k: ReweightedWakeSleep(num_particles=max(k, 2))),
     "jsa": Case(lambda k: JSA(num_data=3, num_particles=k)),
     "jsa-two-moves": Case(lambda k: JSA(num_data=3, num_particles=k, num_moves=2)),
     "fgan": Case(_fgan, guide=False, adversary_draws=1, bad_guide="trains the model only"),
@@ -94,6 +105,7 @@ CLASSES = {
     "fdiv": lambda **kw: FDivergenceBound("js", data=target(), **kw),
     "avb": lambda **kw: AVB(adaptive_contrast=False, **kw),
     "jsa": JSA,
+    "rws": ReweightedWakeSleep,
     "fgan": lambda **kw: FGANBound("js", critic=nn.Linear(3, 1), **kw),
 }
 
@@ -214,7 +226,7 @@ def test_state_round_trips(name, net):
     for _ in range(2):
         svi.step(X)
     if not hasattr(objective, "state_dict"):
-        assert isinstance(objective, IWAE | BlackBoxAlpha)
+        assert isinstance(objective, IWAE | BlackBoxAlpha | ReweightedWakeSleep)
         return
     restored = OBJECTIVES[name](3)
     restored.load_state_dict(pickle.loads(pickle.dumps(objective.state_dict())))

@@ -16,6 +16,7 @@ from pyro_fdiv.inference.iwae import IWAE
 from pyro_fdiv.inference.jsa import JSA
 from pyro_fdiv.inference.objective import ImportanceObjective
 from pyro_fdiv.inference.resample import ResampledPosterior, importance_resample
+from pyro_fdiv.inference.rws import ReweightedWakeSleep
 from pyro_fdiv.inference.spread import SpreadSchedule
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "ImportanceObjective",
     "LogWeights",
     "ResampledPosterior",
+    "ReweightedWakeSleep",
     "SpreadSchedule",
     "get_log_weights",
     "guess_max_plate_nesting",
