@@ -78,7 +78,9 @@ from pyro_fdiv.util import check_flag, check_integer
 __all__ = ["SCHEDULES", "AISResult", "ais_log_likelihood", "annealing_schedule", "log_likelihood"]
 
 
-def _data_plate(weights: LogWeights, num_rows: int, name: str | None) -> CondIndepStackFrame:
+def _data_plate(
+    weights: LogWeights, num_rows: int, name: str | None, caller: str = "log_likelihood"
+) -> CondIndepStackFrame:
     """The plate over the data's rows: the one named ``name``, else the plate at the leading
     batch dim of an observed site holding the rows (a row's other dims are its event or inner
     plates), as JSA and the f-divergence bound find theirs; never one that only has the size."""
@@ -101,19 +103,21 @@ def _data_plate(weights: LogWeights, num_rows: int, name: str | None) -> CondInd
             if frame.vectorized and frame.dim == dim and value.shape[0] == num_rows:
                 return frame
     raise ValueError(
-        f"log_likelihood needs a plate over the data's first dimension (size {num_rows}) "
+        f"{caller} needs a plate over the data's first dimension (size {num_rows}) "
         "around an observed site whose leading batch dim holds the rows; none found. Observe "
         "the batch (obs=x) inside pyro.plate('data', len(x)), or name the plate with data_plate=."
     )
 
 
-def _shared_data_plate(weights: LogWeights, num_rows: int, name: str | None) -> str:
+def _shared_data_plate(
+    weights: LogWeights, num_rows: int, name: str | None, caller: str = "log_likelihood"
+) -> str:
     """The data plate's name, checked to enclose every sample site (no global latents)."""
-    frame = _data_plate(weights, num_rows, name)
+    frame = _data_plate(weights, num_rows, name, caller)
     if frame not in weights.plates:
         plates = [f"{f.name!r} (size {f.size})" for f in weights.plates]
         raise ValueError(
-            f"log_likelihood needs the data plate {frame.name!r} (size {num_rows}) to enclose "
+            f"{caller} needs the data plate {frame.name!r} (size {num_rows}) to enclose "
             f"every sample site; the shared plates are {plates or 'none'}. A latent outside it "
             "(a global latent) couples the data points, so there is no per-data-point "
             "likelihood: put the global latents in pyro.param, or estimate the joint "
@@ -401,7 +405,9 @@ class _Annealed:
                     f"guide: add a site named '{name}' to the guide, or use initial='prior'."
                 )
         weights = log_weights_from_traces(model_trace, guide_trace, self.max_plate_nesting)
-        self.data_plate = _shared_data_plate(weights, self.num_rows, self.data_plate_arg)
+        self.data_plate = _shared_data_plate(
+            weights, self.num_rows, self.data_plate_arg, "ais_log_likelihood"
+        )
         frame = next(f for f in weights.plates if f.name == self.data_plate)
         self.latents = []
         values = []

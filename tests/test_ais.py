@@ -205,5 +205,26 @@ def test_bad_arguments():
     ]:
         with pytest.raises(ValueError, match=match):
             ais_log_likelihood(model, x, **kwargs)
+
+    def global_model(x):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(w, 1.0), obs=x[:, 0])
+
+    with pytest.raises(ValueError, match=r"ais_log_likelihood needs the data plate .* global"):
+        ais_log_likelihood(global_model, x, num_steps=2)
     # a custom schedule of the right length runs
     ais_log_likelihood(model, x, num_steps=2, schedule=[0.0, 0.5, 1.0], num_chains=2)
+
+
+def test_runtime_benchmark_smoke(data_root):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_ais.py"
+    spec = importlib.util.spec_from_file_location("bench_ais", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    table = bench.main(["--smoke", "--root", str(data_root), "--threads", "1"])
+    assert list(table["estimator"]) == ["IS (encoder, S=10)", "AIS (prior, T=3, M=2, L=2)"]
+    assert (table["wall_s"] > 0).all() and table["log_likelihood"].notna().all()
