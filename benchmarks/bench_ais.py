@@ -14,6 +14,23 @@ log-likelihood of ``--num-images`` test images with :func:`pyro_fdiv.evaluate.lo
 The cost of AIS is ``(T - 1) * L + 1`` model evaluations with gradients over ``M`` chains
 times the batch of images, so the wall time is close to linear in ``T * L`` and sublinear in
 ``M`` while the batch is small.
+
+Measured (2 shared CPU cores, load average about 5.5 from other jobs, one thread, float32)::
+
+    python benchmarks/bench_ais.py --train-steps 1000 --is-samples 5000 \
+        --settings 100:16:10 300:16:10 1000:5:10 --out /tmp/aisbench/ais.csv
+
+    VAE 400-20, 1000 training steps (100 test images)
+                          estimator  wall_s  log_likelihood  stderr  acceptance
+               IS (encoder, S=5000)    19.7        -118.807     NaN         NaN
+     AIS (prior, T=100, M=16, L=10)    67.0        -118.276   0.061       0.854
+     AIS (prior, T=300, M=16, L=10)   152.7        -117.823   0.042       0.737
+     AIS (prior, T=1000, M=5, L=10)   155.4        -117.660   0.051       0.689
+
+``T=1000, M=5, L=10`` is the AVB paper's setting (1000 intermediate distributions, 5 chains)
+and the recommended one: about 1.5 s per test image on one loaded CPU thread, 1.15 nats above
+the encoder's IS estimate. The stderr column is the Monte Carlo error of the mean over images
+only; the schedule's bias (T=300 to T=1000 still gains 0.16 nats) is larger.
 """
 
 from __future__ import annotations
