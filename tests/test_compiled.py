@@ -508,7 +508,9 @@ def test_make_step_runs_svi_for_objectives_with_state_of_their_own():
     pyro.clear_param_store()
     model, guide, x = conjugate()
     objective = FDivergenceBound("forward_kl", data=TRAIN, spread=0.5)
-    step = make_step(model, guide, pyro.optim.Adam({"lr": 0.05}), objective, compile_options=AOT_EAGER)
+    step = make_step(
+        model, guide, pyro.optim.Adam({"lr": 0.05}), objective, compile_options=AOT_EAGER
+    )
     for _ in range(3):
         step(x)
     assert objective.schedule.t == 3  # SVI.step ran the objective's loss_and_grads
@@ -517,3 +519,61 @@ def test_make_step_runs_svi_for_objectives_with_state_of_their_own():
     step = make_step(model, guide, pyro.optim.Adam({"lr": 0.05}), JSA(num_data=4))
     with pytest.warns(UserWarning, match="updates state of its own"):
         step(x)
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_make_step_with_clipped_adam_equals_svi(centered):
+    """Pyro's ClippedAdam (clipping, learning-rate decay, centered variance) inside the
+    compiled step: its Python state (lr, step) advances as the eager optimizer's does."""
+    runs = []
+    for compiled in (False, True):
+        pyro.clear_param_store()
+        model, guide, x = small_vae()
+        options = {"lr": 0.05, "lrd": 0.9, "clip_norm": 0.5, "centered_variance": centered}
+        optim = pyro.optim.ClippedAdam(options)
+        objective = IWAE(num_particles=3)
+        if compiled:
+            step = make_step(model, guide, optim, objective)
+        else:
+            step = SVI(model, guide, optim, objective).step
+        pyro.set_rng_seed(0)
+        losses = [step(x) for _ in range(5)]
+        if compiled:  # the update is inside the program
+            assert [plan.kind for _, plan, _ in step.programs.values()] == ["clipped_adam"]
+        params = {n: p.detach().clone() for n, p in pyro.get_param_store()._params.items()}
+        runs.append((losses, params, copy.deepcopy(optim.get_state())))
+    (eager, eager_params, eager_state), (got, got_params, got_state) = runs
+    assert_same((eager, eager_params), (got, got_params), 1e-10)
+    for name, state in eager_state.items():
+        assert got_state[name]["param_groups"][0]["lr"] == state["param_groups"][0]["lr"]
+        assert got_state[name]["state"][0]["step"] == state["state"][0]["step"] == 5
+        torch.testing.assert_close(
+            got_state[name]["state"][0]["exp_avg_sq"], state["state"][0]["exp_avg_sq"]
+        )
+
+
+def corrupting_backend(gm, example_inputs):
+    """A backend whose programs return a loss off by one: a miscompiled program."""
+
+    def run(*inputs):
+        out = gm(*inputs)
+        return (out[0] + 1.0, *out[1:])
+
+    return run
+
+
+def test_a_program_that_disagrees_with_eager_is_dropped():
+    """The first call of each program is checked against the eager loss of the same draw: a
+    wrong program is not used (one warning), and the steps equal the eager ones."""
+    eager = run_steps(conjugate, 4, compiled=False)
+    pyro.clear_param_store()
+    model, guide, x = conjugate()
+    optim = pyro.optim.Adam({"lr": 0.05})
+    options = {"backend": corrupting_backend}
+    step = make_step(model, guide, optim, IWAE(num_particles=4), compile_options=options)
+    pyro.set_rng_seed(0)
+    with pytest.warns(UserWarning, match="its compiled program gives the loss .* where the eager"):
+        losses = [step(x) for _ in range(4)]
+    assert not step.programs and step.eager_keys
+    params = {name: p.detach().clone() for name, p in pyro.get_param_store()._params.items()}
+    assert_same(eager[:2], (losses, params), 1e-10)

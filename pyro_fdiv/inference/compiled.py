@@ -39,12 +39,16 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import pyro
+import pyro.infer.trace_elbo
+import pyro.infer.trace_mean_field_elbo
 import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.optim import PyroOptim
+from pyro.optim.clipped_adam import ClippedAdam
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK
+from pyro.util import warn_if_nan
 from torch.distributions import transform_to
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils import _pytree
@@ -205,22 +209,47 @@ def traced_loss(objective, model, guide, args: tuple, kwargs: dict) -> tuple[tor
     return objective.differentiable_loss(model, guide, *args, **kwargs), None
 
 
+#: Pyro's ELBO modules read the loss as a Python number (``torch_item``, ``warn_if_nan``): a
+#: data-dependent read that a traced program cannot hold. While tracing ``torch_item`` returns
+#: the tensor detached (a constant of the surrogate, as the number is) and ``warn_if_nan``
+#: does nothing; the compiled step checks the loss it returns (and warns on NaN as Pyro does).
+_PYRO_ELBO_MODULES = (pyro.infer.trace_elbo, pyro.infer.trace_mean_field_elbo)
+_UNREAD = {
+    "torch_item": lambda value: value.detach() if isinstance(value, torch.Tensor) else value,
+    "warn_if_nan": lambda value, msg="", **kwargs: value,
+}
+
+
 @contextlib.contextmanager
 def _tracing() -> Iterator:
-    """Validation off (Pyro's and ``torch.distributions``' defaults), restored after; the
-    random state is left untouched."""
+    """Validation off (Pyro's and ``torch.distributions``' defaults) and Pyro's NaN warnings on
+    the loss skipped, restored after; the random state is left untouched."""
     default = torch.distributions.Distribution._validate_args
     state = get_rng_state()
     outer = list(_PYRO_STACK)  # e.g. SVI's parameter capture: it must not record fake tensors
     del _PYRO_STACK[:]
     try:
-        with pyro.validation_enabled(False):
+        with pyro.validation_enabled(False), contextlib.ExitStack() as stack:
+            for module in _PYRO_ELBO_MODULES:
+                for name, stand_in in _UNREAD.items():
+                    if hasattr(module, name):
+                        stack.enter_context(_patched(module, name, stand_in))
             torch.distributions.Distribution.set_default_validate_args(False)
             yield
     finally:
         torch.distributions.Distribution.set_default_validate_args(default)
         set_rng_state(state)
         _PYRO_STACK[:] = outer
+
+
+@contextlib.contextmanager
+def _patched(owner, name: str, value) -> Iterator:
+    saved = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, saved)
 
 
 class Captured(NamedTuple):
@@ -447,20 +476,26 @@ def compile_graph(
         return compile_fx(gm, inputs, config_patches=patches)  # type: ignore[return-value]
 
 
-def _warn_eager(owner: str, reason: str) -> None:
-    warnings.warn(
-        f"{owner}: compile=True falls back to the eager step for these arguments: {reason}.",
-        UserWarning,
-        stacklevel=4,
-    )
+def _warn_eager(owner: str, reason: str, fallback: bool = True) -> None:
+    what = "falls back to the eager step for these arguments" if fallback else "compiled again"
+    warnings.warn(f"{owner}: compile=True {what}: {reason}.", UserWarning, stacklevel=4)
 
 
 class _Program:
     """One compiled graph and what it was captured with."""
 
-    def __init__(self, fn: Callable, captured: Captured, names: list[str]):
+    def __init__(
+        self,
+        fn: Callable,
+        captured: Captured,
+        names: list[str],
+        loss_fn: Callable,
+        writes: Sequence[torch.Tensor] = (),
+    ):
         store = pyro.get_param_store()
         self.compiled, self.names, self.store = fn, names, store
+        self.captured, self.loss_fn, self.writes = captured, loss_fn, list(writes)
+        self.checked = False  # the first call is checked against the eager loss
         self.used, self.num_aux = captured.used, captured.num_aux
         self.params = [store._params[name] for name in names]
         self.flat = flat_inputs(self.params)  # the same storage, written in place
@@ -494,6 +529,12 @@ class _Program:
         return [v.detach() for v in values]
 
 
+@torch.no_grad()
+def _restore(targets: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    for target, value in zip(targets, values, strict=True):
+        target.copy_(value)
+
+
 def _meta(t: torch.Tensor) -> tuple:
     return t.shape, t.stride(), t.dtype, t.device
 
@@ -507,6 +548,69 @@ class _ProgramCache:
         self.programs: dict[tuple, Any] = {}
         self.eager_keys: set[tuple] = set()
         self.warned = False
+        options = compile_options or {}
+        self.inductor = options.get("backend", "inductor") == "inductor"
+        #: the program draws what the eager step draws (see the module docstring)
+        self.same_draws = not self.inductor or (options.get("options") or {}).get(
+            "fallback_random", True
+        )
+
+    def _call(self, key, program: _Program, inputs: list, model, guide, args, kwargs):
+        """
+        Run ``program``. Its first call is checked against the eager loss of the same draw
+        (with the same random numbers, else only whether both are finite): a backend that
+        miscompiles (Inductor's vectorized CPU code has returned NaN where the eager loss is
+        finite) must not return a wrong number. On a mismatch the writes are undone; Inductor
+        compiles the graph again without SIMD (``cpp.simdlen=1``), and if that disagrees too
+        the program is dropped: returns ``None``, and the caller runs the step eagerly, as for
+        every later call with this key. Each outcome warns once.
+        """
+        if program.checked:
+            return program.fn(*inputs)
+        with _tracing(), torch.enable_grad():  # validation off, the random state restored
+            want = float(program.loss_fn(model, guide, args, kwargs)[0].detach())
+        rng = torch.get_rng_state()
+        saved = [t.detach().clone() for t in program.writes]
+        got = got_first = math.nan
+        for retry in (False, True):
+            if retry:
+                _restore(program.writes, saved)
+                torch.set_rng_state(rng)
+                options = dict(self.compile_options or {})
+                options["options"] = {**(options.get("options") or {}), "cpp.simdlen": 1}
+                program.fn = compile_graph(program.captured.graph, program.captured.inputs, options)
+            out = program.fn(*inputs)
+            got = out[0].item()
+            if self._agree(got, want):
+                program.checked = True
+                if retry:
+                    _warn_eager(
+                        self.owner,
+                        f"its vectorized program gave the loss {got_first} where the eager step "
+                        f"gives {want}; compiled again without SIMD (cpp.simdlen=1), it agrees",
+                        fallback=False,
+                    )
+                return out
+            got_first = got
+            if not self.inductor:
+                break
+        _restore(program.writes, saved)
+        torch.set_rng_state(rng)
+        del self.programs[key]
+        self.eager_keys.add(key)
+        if not self.warned:
+            self.warned = True
+            _warn_eager(
+                self.owner,
+                f"its compiled program gives the loss {got} where the eager step gives {want} "
+                "on the same draw",
+            )
+        return None
+
+    def _agree(self, got: float, want: float) -> bool:
+        if not math.isfinite(want) or not self.same_draws:
+            return math.isfinite(got) == math.isfinite(want)
+        return math.isclose(got, want, rel_tol=1e-4, abs_tol=1e-4)
 
     def _compile(
         self, key, reason, loss_fn, model, guide, names, args, kwargs, validated, **options
@@ -593,7 +697,8 @@ class CompiledLoss(_ProgramCache):
         if program is not None:
             params, extras = program.current(), program.extras()
             if params is not None and extras is not None:
-                return self._run(program, params, extras, tensors, model, guide, args, kwargs, part)
+                inputs = [*program.flat, *extras, *tensors]
+                return self._run(key, program, params, inputs, model, guide, args, kwargs, part)
             del self.programs[key]  # other parameter tensors: capture again
         elif key in self.eager_keys:
             return objective._eager_grads(model, guide, args, kwargs, part)
@@ -606,10 +711,11 @@ class CompiledLoss(_ProgramCache):
             out = objective._eager_grads(model, guide, args, kwargs, part)
         names = list(capture_params.trace.nodes)
         reason = objective._compile_refusal(part) or outer_handlers()
+        loss_fn = functools.partial(objective._traced_loss, part=part)
         compiled = self._compile(
             key,
             reason,
-            functools.partial(objective._traced_loss, part=part),
+            loss_fn,
             model,
             guide,
             names,
@@ -620,12 +726,14 @@ class CompiledLoss(_ProgramCache):
             modules=objective._program_modules(),
         )
         if compiled is not None:
-            self.programs[key] = _Program(*compiled, names)
+            self.programs[key] = _Program(*compiled, names, loss_fn)
         return out
 
-    def _run(self, program, params, extras, tensors, model, guide, args, kwargs, part):
+    def _run(self, key, program, params, inputs, model, guide, args, kwargs, part):
         state = torch.get_rng_state()
-        out = program.fn(*program.flat, *extras, *tensors)
+        out = self._call(key, program, inputs, model, guide, args, kwargs)
+        if out is None:
+            return self.objective._eager_grads(model, guide, args, kwargs, part)
         value = out[0].item()
         if self.objective.check_finite and not math.isfinite(value):
             torch.set_rng_state(state)
@@ -761,6 +869,136 @@ def adam_update(settings: list[tuple], guard: bool) -> Callable:
     return update
 
 
+def _clipped_adam_settings(optimizer: torch.optim.Optimizer) -> tuple | None:
+    """``(beta1, beta2, eps, weight_decay, clip_norm, centered_variance)`` of a one-parameter
+    :class:`pyro.optim.clipped_adam.ClippedAdam`, else ``None``."""
+    if type(optimizer) is not ClippedAdam or len(optimizer.param_groups) != 1:
+        return None
+    group = optimizer.param_groups[0]
+    beta1, beta2 = group["betas"]
+    return (
+        float(beta1),
+        float(beta2),
+        float(group["eps"]),
+        float(group["weight_decay"]),
+        float(group["clip_norm"]),
+        bool(group["centered_variance"]),
+    )
+
+
+def clipped_adam_update(settings: list[tuple], guard: bool) -> Callable:
+    """The functional update of Pyro's ``ClippedAdam`` (the same operations in the same order)
+    over the flat state ``[exp_avg, exp_avg_sq, step_size] * len(params)``: the learning rate's
+    decay and the bias corrections are Python numbers in the eager optimizer, so the step size
+    ``lr * sqrt(1 - beta2^t) / (1 - beta1^t)`` is an input, computed before each call
+    (:class:`_OptimizerPlan`). With ``guard``, nothing changes when the loss is not finite."""
+
+    def update(params, grads, state, loss):
+        finite = torch.isfinite(loss) if guard else None
+        new_params, new_state = [], []
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            beta1, beta2, eps, weight_decay, clip_norm, centered = settings[i]
+            exp_avg, exp_avg_sq, step_size = state[3 * i : 3 * i + 3]
+            g = g.clamp(-clip_norm, clip_norm)
+            if weight_decay != 0:
+                g = g.add(p, alpha=weight_decay)
+            new_avg = exp_avg.mul(beta1).add(g, alpha=1 - beta1)
+            g_var = g - new_avg if centered else g
+            new_sq = exp_avg_sq.mul(beta2).addcmul(g_var, g_var, value=1 - beta2)
+            denom = new_sq.sqrt().add(eps)
+            new_p = p + (-step_size.to(p.dtype)) * (new_avg / denom)
+            new = [new_p, new_avg, new_sq]
+            if guard:
+                old = [p, exp_avg, exp_avg_sq]
+                new = [torch.where(finite, a, b) for a, b in zip(new, old, strict=True)]
+            new_params.append(new[0])
+            new_state += [new[1], new[2], step_size]
+        return new_params + new_state
+
+    return update
+
+
+class _OptimizerPlan:
+    """The optimizer update inside a compiled step: ``pyro.optim.Adam``'s or ``ClippedAdam``'s
+    per-parameter optimizers, their state tensors (written in place by the program), and the
+    Python bookkeeping before and after each call (``ClippedAdam``'s learning-rate decay and
+    step count)."""
+
+    def __init__(self, optim: PyroOptim, params: list[torch.Tensor], guard: bool):
+        self.optimizers = [optim.optim_objs[p] for p in params]
+        self.params = params
+        self.slots = [opt.state[p] for opt, p in zip(self.optimizers, params, strict=True)]
+        if all(_adam_settings(opt) is not None for opt in self.optimizers):
+            self.kind = "adam"
+            settings = [_adam_settings(opt) for opt in self.optimizers]
+            self.state = [t for slot in self.slots for t in _adam_state(slot)]
+            self.update = adam_update(settings, guard)  # type: ignore[arg-type]
+        else:
+            self.kind = "clipped_adam"
+            settings = [_clipped_adam_settings(opt) for opt in self.optimizers]
+            like = [slot["exp_avg"] for slot in self.slots]
+            self.sizes = [torch.zeros((), dtype=torch.float64, device=t.device) for t in like]
+            self.state = [
+                t
+                for slot, size in zip(self.slots, self.sizes, strict=True)
+                for t in (slot["exp_avg"], slot["exp_avg_sq"], size)
+            ]
+            self.update = clipped_adam_update(settings, guard)  # type: ignore[arg-type]
+        self.exp_avg = [slot["exp_avg"] for slot in self.slots]
+
+    @staticmethod
+    def of(optim: PyroOptim, params: list[torch.Tensor], guard: bool) -> _OptimizerPlan | None:
+        """The plan for ``optim``'s optimizers of ``params``, or ``None`` where the update is
+        not reproduced (another optimizer, or one without state yet)."""
+        if optim.pt_clip_args or not params:
+            return None
+        for p in params:
+            opt = optim.optim_objs.get(p)
+            if opt is None or p not in opt.state:
+                return None
+        kinds = {
+            _adam_settings(optim.optim_objs[p]) is not None
+            or _clipped_adam_settings(optim.optim_objs[p]) is not None
+            for p in params
+        }
+        if kinds != {True}:
+            return None
+        types = {type(optim.optim_objs[p]) for p in params}
+        return _OptimizerPlan(optim, params, guard) if len(types) == 1 else None
+
+    def current(self) -> bool:
+        """The optimizers still hold the state the program writes (``optim.set_state``
+        replaces it)."""
+        return all(
+            opt.state.get(p, {}).get("exp_avg") is t
+            for opt, p, t in zip(self.optimizers, self.params, self.exp_avg, strict=True)
+        )
+
+    def before(self) -> Callable[[], None] | None:
+        """Set the call's inputs (``ClippedAdam``'s step sizes); returns what commits the
+        Python state after a finite step."""
+        if self.kind == "adam":
+            return None
+        rates = []
+        for opt, slot, size in zip(self.optimizers, self.slots, self.sizes, strict=True):
+            group = opt.param_groups[0]
+            lr, t = group["lr"] * group["lrd"], slot["step"] + 1
+            beta1, beta2 = group["betas"]
+            rates.append(lr)
+            size.fill_(lr * math.sqrt(1 - beta2**t) / (1 - beta1**t))
+
+        def commit() -> None:
+            for opt, slot, lr in zip(self.optimizers, self.slots, rates, strict=True):
+                opt.param_groups[0]["lr"] = lr
+                slot["step"] += 1
+
+        return commit
+
+
+def _adam_state(slot: dict) -> tuple[torch.Tensor, ...]:
+    return slot["step"], slot["exp_avg"], slot["exp_avg_sq"]
+
+
 class Step(_ProgramCache):
     """
     A training step with :class:`~pyro.infer.SVI`'s arguments whose loss, gradient and Adam
@@ -809,10 +1047,10 @@ class Step(_ProgramCache):
         tensors, _, key = split_arguments(args, kwargs)
         entry = self.programs.get(key)
         if entry is not None:
-            program, state, state_flat = entry
+            program, plan, state_flat = entry
             params = program.current()
-            if params is not None and (state is None or self._state_current(params, state)):
-                return self._run(program, params, state_flat, tensors, args, kwargs)
+            if params is not None and (plan is None or plan.current()):
+                return self._run(key, program, params, plan, state_flat, tensors, args, kwargs)
             del self.programs[key]
         elif key in self.eager_keys:
             return self.svi.step(*args, **kwargs)
@@ -829,14 +1067,7 @@ class Step(_ProgramCache):
         params = [store._params[n] for n in names]
         refusal = getattr(loss, "_compile_refusal", None)
         reason = (refusal("") if refusal is not None else None) or outer_handlers()
-        state = update = None
-        settings = [self._settings(p) for p in params] if not self.optim.pt_clip_args else None
-        if settings is not None and all(s is not None for s in settings):
-            state = []
-            for p in params:
-                slot = self.optim.optim_objs[p].state[p]
-                state += [slot["step"], slot["exp_avg"], slot["exp_avg_sq"]]
-            update = adam_update(settings, guard=getattr(loss, "check_finite", True))  # type: ignore[arg-type]
+        plan = _OptimizerPlan.of(self.optim, params, guard=getattr(loss, "check_finite", True))
         if hasattr(loss, "_traced_loss"):
             loss_fn = functools.partial(loss._traced_loss, part="")
         else:
@@ -851,38 +1082,31 @@ class Step(_ProgramCache):
             args,
             kwargs,
             getattr(loss, "_validated", None),
-            update=update,
-            state=state or (),
+            update=None if plan is None else plan.update,
+            state=() if plan is None else plan.state,
         )
         if compiled is not None:
-            flat = None if state is None else flat_inputs(state)
-            self.programs[key] = (_Program(*compiled, names), state, flat)
+            flat = None if plan is None else flat_inputs(plan.state)
+            writes = [] if plan is None else [*params, *plan.state]  # written in place
+            self.programs[key] = (_Program(*compiled, names, loss_fn, writes), plan, flat)
         return value
 
-    def _settings(self, param: torch.Tensor) -> tuple | None:
-        optimizer = self.optim.optim_objs.get(param)
-        if optimizer is None or param not in optimizer.state:
-            return None
-        return _adam_settings(optimizer)
-
-    def _state_current(self, params, state) -> bool:
-        """The optimizers still hold the state tensors the program writes (a restored
-        ``optim.set_state`` replaces them)."""
-        for i, p in enumerate(params):
-            optimizer = self.optim.optim_objs.get(p)
-            slot = optimizer.state.get(p) if optimizer is not None else None
-            if slot is None or slot.get("exp_avg") is not state[3 * i + 1]:
-                return False
-        return True
-
-    def _run(self, program, params, state, tensors, args, kwargs) -> float:
+    def _run(self, key, program, params, plan, state, tensors, args, kwargs) -> float:
         rng = torch.get_rng_state()
-        out = program.fn(*program.flat, *(state or ()), *tensors)
+        commit = plan.before() if plan is not None else None
+        inputs = [*program.flat, *(state or ()), *tensors]
+        out = self._call(key, program, inputs, self.model, self.guide, args, kwargs)
+        if out is None:
+            return self.svi.step(*args, **kwargs)
         value = out[0].item()
-        if getattr(self.loss, "check_finite", False) and not math.isfinite(value):
-            torch.set_rng_state(rng)
-            self.loss._raise_non_finite(value, self.model, self.guide, args, kwargs, "")
-        if state is None:  # compiled loss and gradient, the optimizer's own step
+        if not math.isfinite(value):
+            if getattr(self.loss, "check_finite", False):
+                torch.set_rng_state(rng)
+                self.loss._raise_non_finite(value, self.model, self.guide, args, kwargs, "")
+            warn_if_nan(value, "loss")  # what Pyro's ELBOs do eagerly
+        if commit is not None:
+            commit()
+        if plan is None:  # compiled loss and gradient, the optimizer's own step
             for i, g in zip(program.used, out[1 : len(out) - program.num_aux], strict=True):
                 params[i].grad = g
             self.optim(params)
