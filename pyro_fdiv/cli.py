@@ -206,6 +206,12 @@ def _add_train_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("--threads", type=_positive_int, help="torch intra-op threads")
     t.add_argument("--out", type=_writable_dir, default=Path("train_out"))
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        help="train with eager SVI steps (default: compiled steps, the same draws)",
+    )
     return t
 
 

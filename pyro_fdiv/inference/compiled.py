@@ -539,6 +539,22 @@ def _meta(t: torch.Tensor) -> tuple:
     return t.shape, t.stride(), t.dtype, t.device
 
 
+class _NewParameter(Exception):
+    """A parameter the run would create."""
+
+
+class _ExistingParamsOnly(Messenger):
+    """Stop a run at the first ``pyro.param`` not yet in the store (before it is created)."""
+
+    def __init__(self, store):
+        super().__init__()
+        self.store = store
+
+    def _pyro_param(self, msg: dict) -> None:
+        if msg["name"] not in self.store._params:
+            raise _NewParameter(msg["name"])
+
+
 class _ProgramCache:
     """Programs by key, the keys that run eagerly, and the one warning: what
     :class:`CompiledLoss` and :class:`Step` share."""
@@ -1057,21 +1073,28 @@ class Step(_ProgramCache):
         return self._first(key, args, kwargs)
 
     def _first(self, key, args, kwargs) -> float:
+        """The first step of ``key``: where the parameters and the optimizer's state exist
+        already (a resumed run, new argument shapes) the program is captured first and runs
+        this step, so that a resumed run takes the steps the uninterrupted one takes; else
+        one eager ``SVI.step`` creates them, and the program is captured after it."""
         loss = self.loss
         if hasattr(loss, "_validated"):
             loss._validated = None
-        with eager(loss), poutine.trace(param_only=True) as capture_params:
-            value = self.svi.step(*args, **kwargs)
-        names = list(capture_params.trace.nodes)
+        if hasattr(loss, "_traced_loss"):
+            loss_fn = functools.partial(loss._traced_loss, part="")
+        else:
+            loss_fn = functools.partial(traced_loss, loss)
+        names = self._existing_names(loss_fn, args, kwargs)
+        value = None
+        if names is None:
+            with eager(loss), poutine.trace(param_only=True) as capture_params:
+                value = self.svi.step(*args, **kwargs)
+            names = list(capture_params.trace.nodes)
         store = pyro.get_param_store()
         params = [store._params[n] for n in names]
         refusal = getattr(loss, "_compile_refusal", None)
         reason = (refusal("") if refusal is not None else None) or outer_handlers()
         plan = _OptimizerPlan.of(self.optim, params, guard=getattr(loss, "check_finite", True))
-        if hasattr(loss, "_traced_loss"):
-            loss_fn = functools.partial(loss._traced_loss, part="")
-        else:
-            loss_fn = functools.partial(traced_loss, loss)
         compiled = self._compile(
             key,
             reason,
@@ -1089,7 +1112,33 @@ class Step(_ProgramCache):
             flat = None if plan is None else flat_inputs(plan.state)
             writes = [] if plan is None else [*params, *plan.state]  # written in place
             self.programs[key] = (_Program(*compiled, names, loss_fn, writes), plan, flat)
-        return value
+        if value is not None:
+            return value
+        return self(*args, **kwargs)  # the program runs this step (or the eager step runs)
+
+    def _existing_names(self, loss_fn, args, kwargs) -> list[str] | None:
+        """The parameters the loss reads, from a run of it that changes nothing (the random
+        state restored, validation as configured), when each exists in the store and has its
+        optimizer; ``None`` when a parameter or an optimizer would be created (then the first
+        step is eager)."""
+        store = pyro.get_param_store()
+        if not store._params:
+            return None
+        outer = list(_PYRO_STACK)
+        del _PYRO_STACK[:]
+        state = get_rng_state()
+        try:
+            with _ExistingParamsOnly(store), poutine.trace(param_only=True) as reads:
+                loss_fn(self.model, self.guide, args, kwargs)
+        except _NewParameter:
+            return None
+        finally:
+            set_rng_state(state)
+            _PYRO_STACK[:] = outer
+        names = list(reads.trace.nodes)
+        if not all(store._params[n] in self.optim.optim_objs for n in names):
+            return None
+        return names
 
     def _run(self, key, program, params, plan, state, tensors, args, kwargs) -> float:
         rng = torch.get_rng_state()
