@@ -29,10 +29,10 @@ from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal, init_to_fea
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_vae_step  # noqa: E402  (the VAE, its data and its hand-written step, reused)
+import bench_vae_step  # the VAE, its data, its hand-written step and memory measure
 
-from pyro_fdiv.inference import IWAE, make_step  # noqa: E402
-from pyro_fdiv.models import eight_schools  # noqa: E402
+from pyro_fdiv.inference import IWAE, make_step
+from pyro_fdiv.models import eight_schools
 
 __all__ = [
     "METHODS",
@@ -408,10 +408,13 @@ def build_bench(name: str) -> Bench:
 # Steps
 
 
-def handwritten_step(bench: Bench, num_particles: int, compiled: bool) -> Step:
+def handwritten_step(
+    bench: Bench, num_particles: int, compiled: bool, compile_options: dict | None = None
+) -> Step:
     """
     The reference: ``bench.loss`` with ``torch.optim.Adam`` (eager), or loss, gradient
-    (``torch.func.grad_and_value``) and a functional Adam as one ``torch.compile``\\ d program.
+    (``torch.func.grad_and_value``) and Adam updating the parameters and moments in place as
+    one ``torch.compile``\\ d program (``compile_options`` are ``torch.compile``'s keywords).
     """
     if not compiled:
         if bench.handwritten_eager is not None:
@@ -428,34 +431,25 @@ def handwritten_step(bench: Bench, num_particles: int, compiled: bool) -> Step:
 
         return step
 
-    state = bench.init_params()
-    m = [torch.zeros_like(p) for p in state]
-    v = [torch.zeros_like(p) for p in state]
+    params = bench.init_params()
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
     t = torch.zeros(())
     grad_and_value = torch.func.grad_and_value(lambda ps: bench.loss(ps, num_particles))
     lr = bench.lr
 
-    def whole(ps, m, v, t):
+    def whole(ps, m, v, t):  # torch.optim.Adam's update (betas 0.9, 0.999; eps 1e-8)
         grads, loss = grad_and_value(ps)
-        t = t + 1
-        new_ps, new_m, new_v = [], [], []
+        t.add_(1)
         for p, g, mi, vi in zip(ps, grads, m, v, strict=True):
-            mi = mi.lerp(g, 0.1)
-            vi = vi * 0.999 + 0.001 * g * g
+            mi.lerp_(g, 0.1)
+            vi.mul_(0.999).addcmul_(g, g, value=0.001)
             denom = (vi / (1 - 0.999**t)).sqrt() + 1e-8
-            new_ps.append(p - lr / (1 - 0.9**t) * mi / denom)
-            new_m.append(mi)
-            new_v.append(vi)
-        return loss, new_ps, new_m, new_v, t
+            p.sub_(lr / (1 - 0.9**t) * mi / denom)
+        return loss
 
-    compiled_whole = torch.compile(whole)
-    holder = [state, m, v, t]
-
-    def step() -> float:
-        loss, *holder[:] = compiled_whole(*holder)
-        return loss.item()
-
-    return step
+    compiled_whole = torch.compile(whole, **(compile_options or {}))
+    return lambda: compiled_whole(params, m, v, t).item()
 
 
 def _numpyro_available() -> bool:
@@ -547,6 +541,7 @@ def run_block(
     """
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
+    torch._dynamo.reset()  # the compiled reference compiles afresh, with static shapes
     steps, rows = {}, {}
     for method in dict.fromkeys((REFERENCE, *methods)):
         step, first, note = _start(bench, method, k)
@@ -597,7 +592,7 @@ def run_block(
 def _markdown(table: pd.DataFrame) -> str:
     shown = table.drop(columns="note").copy()
     formats = {"first_s": "{:.2f}", "step_ms": "{:.3f}", "ratio": "{:.2f}"}
-    formats |= {"peak_mib": "{:.2f}", "peak_ratio": "{:.2f}"}
+    formats |= {"peak_mib": "{:.4g}", "peak_ratio": "{:.2f}"}
     for column, fmt in formats.items():
         shown[column] = [fmt.format(v) if pd.notna(v) else "" for v in shown[column]]
     lines = ["| " + " | ".join(shown.columns) + " |", "|" + "---|" * len(shown.columns)]
@@ -670,7 +665,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     pyro.clear_param_store()
     table = pd.concat(tables, ignore_index=True)
     print(_markdown(table))
-    notes = table[table.note.fillna("") != ""]
+    notes = table[table.note.astype("string").fillna("") != ""]
     for row in notes.itertuples():
         print(f"note: {row.model} K={row.K} {row.method}: {row.note}")
     print(f"load average after: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
