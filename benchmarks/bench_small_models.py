@@ -12,6 +12,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from pyro.infer import SVI, JitTrace_ELBO, RenyiELBO, Trace_ELBO
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal, init_to_feasible
+from torch._dynamo.utils import counters
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -346,21 +348,6 @@ def hierarchical_bench() -> Bench:
 # The VAE of bench_vae_step.py (batch 128 binarized MNIST)
 
 
-class _VAELoss(torch.nn.Module):
-    """The hand-written per-data-point IWAE loss of ``bench_vae_step`` as a module, so that
-    ``torch.func.functional_call`` can run it on a list of parameters."""
-
-    def __init__(self, vae: torch.nn.Module, num_particles: int) -> None:
-        super().__init__()
-        self.vae, self.num_particles = vae, num_particles
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        log_w = bench_vae_step.iwae_log_weights(
-            self.vae.encoder, self.vae.decoder, x, self.num_particles
-        )
-        return _neg_iwae(log_w).sum()
-
-
 def vae_bench(data: Path | None = bench_vae_step.DEFAULT_DATA) -> Bench:
     x = torch.from_numpy(bench_vae_step.load_batch(data)).to(torch.get_default_dtype())
     init = bench_vae_step._initial_vae(0).to(torch.get_default_dtype())
@@ -370,10 +357,20 @@ def vae_bench(data: Path | None = bench_vae_step.DEFAULT_DATA) -> Bench:
         vae = bench_vae_step._copy_vae(init, name=name, device=x.device)
         return vae.model, vae.guide
 
-    def loss(params, k):
-        module = _VAELoss(init, k)
-        values = {f"vae.{n}": p for n, p in zip(names, params, strict=True)}
-        return torch.func.functional_call(module, values, (x,))
+    def loss(params, k):  # bench_vae_step's loss, the networks run on ``params``
+        values = dict(zip(names, params, strict=True))
+        parts = {
+            part: {n.removeprefix(f"{part}."): v for n, v in values.items() if n.startswith(part)}
+            for part in ("encoder", "decoder")
+        }
+
+        def encoder(inputs):
+            return torch.func.functional_call(init.encoder, parts["encoder"], (inputs,))
+
+        def decoder(z):
+            return torch.func.functional_call(init.decoder, parts["decoder"], (z,))
+
+        return _neg_iwae(bench_vae_step.iwae_log_weights(encoder, decoder, x, k)).sum()
 
     def eager(k):
         vae = bench_vae_step._copy_vae(init, name="handwritten", device=x.device)
@@ -544,7 +541,10 @@ def run_block(
     torch._dynamo.reset()  # the compiled reference compiles afresh, with static shapes
     steps, rows = {}, {}
     for method in dict.fromkeys((REFERENCE, *methods)):
+        counters["graph_break"].clear()
         step, first, note = _start(bench, method, k)
+        if breaks := sum(counters["graph_break"].values()):  # torch.compile'd methods
+            note = "; ".join(filter(None, [note, f"{breaks} Dynamo graph breaks"]))
         if note:
             print(f"{bench.name} K={k} {method}: {note}")
         if step is None and method == "numpyro":
@@ -613,6 +613,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vae-warmup", type=int, default=3, help="--warmup for the VAE")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--warm-cache",
+        action="store_true",
+        help="keep Inductor's on-disk cache (default: a fresh one, so first_s is a cold compile)",
+    )
     parser.add_argument("--smoke", action="store_true", help="1 round of 1 step, no warm-up")
     parser.add_argument(
         "--out", type=Path, default=None, help="write OUT.csv and OUT.md (after every block)"
@@ -632,7 +637,10 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         raise ValueError("Expected --out with --resume (the CSV to resume from)")
     torch.set_num_threads(args.threads)
     pyro.set_rng_seed(0)
+    if not args.warm_cache:  # compiled code of earlier runs (or other users) must not be reused
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench_small_inductor_")
     print(bench_vae_step.machine_description())
+    print(f"inductor cache: {os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'default')}")
     print(
         f"{args.rounds} rounds x {args.steps} steps ({args.warmup} warm-up); VAE "
         f"{args.vae_rounds} rounds x {args.vae_steps} steps ({args.vae_warmup} warm-up)"
