@@ -637,8 +637,22 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         raise ValueError("Expected --out with --resume (the CSV to resume from)")
     torch.set_num_threads(args.threads)
     pyro.set_rng_seed(0)
-    if not args.warm_cache:  # compiled code of earlier runs (or other users) must not be reused
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench_small_inductor_")
+    if args.warm_cache:
+        return _run(args)
+    # a fresh Inductor cache: compiled code of earlier runs (or other users) is not reused
+    old_cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="bench_small_inductor_") as cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        try:
+            return _run(args)
+        finally:
+            if old_cache is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = old_cache
+
+
+def _run(args: argparse.Namespace) -> pd.DataFrame:
     print(bench_vae_step.machine_description())
     print(f"inductor cache: {os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'default')}")
     print(
@@ -646,6 +660,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         f"{args.vae_rounds} rounds x {args.vae_steps} steps ({args.vae_warmup} warm-up)"
     )
     csv = None if args.out is None else args.out.with_suffix(".csv")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
     done = pd.read_csv(csv) if args.resume and csv is not None and csv.exists() else None
     tables = [] if done is None else [done]
     for name in args.models:
