@@ -184,7 +184,10 @@ def logistic_model(x: torch.Tensor, y: torch.Tensor) -> None:
     w = pyro.sample("w", dist.Normal(x.new_zeros(x.shape[-1]), 1.0).to_event(1))
     b = pyro.sample("b", dist.Normal(x.new_zeros(()), 1.0))
     with pyro.plate("data", x.shape[0], subsample_size=LOGISTIC_B, dim=-1) as idx:
-        logits = (x[idx] * w).sum(-1) + b
+        # w @ x^T as the reference computes it; under a particle plate w is (K, 1, D): its
+        # plate dim (size 1) becomes the data dim
+        logits = w @ x[idx].T
+        logits = (logits.squeeze(-2) if w.dim() > 1 else logits) + b
         pyro.sample("y", dist.Bernoulli(logits=logits), obs=y[idx])
 
 
