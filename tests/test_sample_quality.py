@@ -195,6 +195,12 @@ def test_sample_quality_known_answers_with_any_classifier():
     assert one["classifier_score"] == pytest.approx(1.0)
     assert one["precision"] == 1.0 and one["recall"] == pytest.approx(1 / 200)
     assert one["frechet_distance"] > 0.01
+    _, features = sq.classifier_outputs(classifier, images)
+    reused = sq.sample_quality(
+        images[:1].expand(100, -1, -1), classifier, None, test_features=features
+    )
+    for key, value in one.items():
+        np.testing.assert_allclose(reused[key], value, rtol=1e-12)
 
 
 def test_sample_quality_rejects_logits():
@@ -257,7 +263,9 @@ def test_benchmark_script_smoke(tmp_path):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     args = ["--smoke", "--out", str(tmp_path), "--data", str(SHARED), "--vae-epochs", "1"]
-    table = script.main([*args, "--threads", "1"])
+    # the VAE's run directory, written first, is also scored as a run of pyro_fdiv.train
+    args += ["--runs", str(tmp_path / "vae_elbo"), "--threads", "1"]
+    table = script.main(args)
     assert list(table.index) == [
         "test vs test",
         "train vs test",
@@ -265,7 +273,11 @@ def test_benchmark_script_smoke(tmp_path):
         "noise",
         "VAE means",
         "VAE draws",
+        "vae_elbo",
     ]
+    # the same model, the same seed: the same draws, scored the same
+    scores = table.drop(columns="seconds")
+    np.testing.assert_allclose(scores.loc["vae_elbo"], scores.loc["VAE means"])
     assert table.loc["test vs test", "frechet_distance"] == pytest.approx(0.0, abs=1e-6)
     assert table.loc["test vs test", ["precision", "recall"]].tolist() == [1.0, 1.0]
     assert table.loc["one image", "modes_covered"] == 1

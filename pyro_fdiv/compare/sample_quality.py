@@ -327,7 +327,7 @@ def class_histogram(
     entropy = -torch.special.xlogy(fractions, fractions).sum()
     return {
         "fractions": fractions.numpy(),
-        "entropy": entropy.item(),
+        "entropy": entropy.item() + 0.0,  # + 0.0: no "-0.0" for one class
         "modes_covered": int((fractions >= min_fraction).sum()),
         "min_fraction_observed": fractions.min().item(),
     }
@@ -477,12 +477,17 @@ def sample_quality(
     k: int = 3,
     min_fraction: float = 0.01,
     batch_size: int = 1000,
+    test_features: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     r"""
     All the numbers of this module for ``samples`` against ``test_images`` (both images with
     pixels in [0, 1], e.g. a model's decoder means of 10,000 prior draws and MNIST's 10,000 test
     images; compare models at the same number of samples, as the Fréchet distance and
     precision/recall depend on it).
+
+    :param test_features: the classifier's features of ``test_images``
+        (:func:`classifier_outputs`), when already computed (scoring several models against
+        one test set); ``test_images`` is then not read.
 
     :returns: a dict with ``num_samples``; ``fractions``, ``entropy``, ``modes_covered``,
         ``min_fraction_observed`` (:func:`class_histogram` of the predicted classes);
@@ -491,7 +496,8 @@ def sample_quality(
         ``precision`` and ``recall`` (:func:`precision_recall` with ``k``).
     """
     logits, features = classifier_outputs(classifier, samples, batch_size)
-    _, test_features = classifier_outputs(classifier, test_images, batch_size)
+    if test_features is None:
+        _, test_features = classifier_outputs(classifier, test_images, batch_size)
     log_probs = logits.log_softmax(-1)
     histogram = class_histogram(log_probs.argmax(-1), min_fraction=min_fraction)
     log_marginal = log_probs.logsumexp(0) - math.log(len(log_probs))
