@@ -221,6 +221,28 @@ def test_classifier_learns_synthetic_classes():
     assert (logits.argmax(-1) == y[500:]).double().mean() > 0.9
 
 
+def test_training_shifts_move_each_image_within_range():
+    """The augmentation moves each image as a whole by at most ``shift`` pixels per axis."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.zeros(200, 1, 28, 28)
+    x[:, 0, 10:13, 14:16] = 0.8 * torch.rand(200, 3, 2, generator=g) + 0.1
+    moved = sq._translate(x, 2, g)
+    assert torch.equal(sq._translate(x, 0, g), x)
+    torch.testing.assert_close(moved.sum((1, 2, 3)), x.sum((1, 2, 3)))  # nothing cut off
+    rows = moved.sum((1, 3)).nonzero()[:, 1].view(200, 3)[:, 0] - 10
+    cols = moved.sum((1, 2)).nonzero()[:, 1].view(200, 2)[:, 0] - 14
+    assert set(rows.tolist()) == set(cols.tolist()) == {-2, -1, 0, 1, 2}
+    for i in range(0, 200, 37):  # the content is translated, not changed
+        torch.testing.assert_close(
+            moved[i, 0, 10 + rows[i] : 13 + rows[i], 14 + cols[i] : 16 + cols[i]],
+            x[i, 0, 10:13, 14:16],
+        )
+    with pytest.raises(ValueError, match="shift"):
+        sq.train_classifier(x[:, 0], torch.zeros(200, dtype=torch.long), shift=20)
+    with pytest.raises(ValueError, match="train_labels"):
+        sq.train_classifier(x[:, 0], torch.full((200,), 10))
+
+
 @needs_mnist
 def test_classifier_on_mnist_subset_beats_chance():
     """1,000 training digits, 40 steps: well above chance (10%) on 500 held-out digits."""
