@@ -30,13 +30,12 @@ import numpy as np
 import pandas as pd
 import pyro
 import torch
-from pyro.infer import SVI
 from scipy.optimize import minimize
 from torch import nn
 from tqdm import tqdm
 
 from pyro_fdiv.divergences import get_divergence
-from pyro_fdiv.inference import FDivergenceBound, FGANBound
+from pyro_fdiv.inference import FDivergenceBound, FGANBound, make_step
 from pyro_fdiv.models.toy import BivariateGaussian, mlp, two_gaussians
 
 DIVERGENCES = ["forward_kl", "reverse_kl", "js"]
@@ -72,12 +71,13 @@ class Critic(nn.Module):
         return self.net(x[:, None])
 
 
-def train(net, objective, steps, lr, batch, desc, progress=True) -> list[float]:
+def train(net, objective, steps, lr, batch, desc, progress=True, compile=True) -> list[float]:
     optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": 0.01 ** (1 / steps)})
     guide = net.guide if isinstance(objective, FDivergenceBound) else (lambda x: None)
-    svi = SVI(net.model, guide, optim, loss=objective)
+    # compiled gradient steps of both bounds (benchmarks/bench_objectives.py: 0.3-0.5x)
+    step = make_step(net.model, guide, optim, objective, compile=compile)
     shape = torch.zeros(batch)  # the target is a distribution: the batch only sets the size
-    return [svi.step(shape) for _ in tqdm(range(steps), desc=desc, disable=not progress)]
+    return [step(shape) for _ in tqdm(range(steps), desc=desc, disable=not progress)]
 
 
 def fit(method: str, f: str, args) -> tuple[BivariateGaussian, list[float], float]:
@@ -87,7 +87,8 @@ def fit(method: str, f: str, args) -> tuple[BivariateGaussian, list[float], floa
     start = time.perf_counter()
     if f == "js" and args.warm_start:
         warm = FDivergenceBound("forward_kl", data=two_gaussians())
-        train(net, warm, args.warm_start, args.lr, args.batch, f"{method} {f} warm start", False)
+        desc = f"{method} {f} warm start"
+        train(net, warm, args.warm_start, args.lr, args.batch, desc, False, args.compile)
     if method == "upper":
         objective = FDivergenceBound(f, data=two_gaussians(), num_particles=1)
     else:
@@ -98,7 +99,10 @@ def fit(method: str, f: str, args) -> tuple[BivariateGaussian, list[float], floa
             data=two_gaussians(),
             critic_optim=torch.optim.Adam(critic.parameters(), lr=args.critic_lr),
         )
-    trace = train(net, objective, args.steps, args.lr, args.batch, f"{method} {f}", args.progress)
+    desc = f"{method} {f}"
+    trace = train(
+        net, objective, args.steps, args.lr, args.batch, desc, args.progress, args.compile
+    )
     return net, trace, time.perf_counter() - start
 
 
@@ -135,9 +139,12 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="a few steps, to check it runs")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument(
+        "--no-compile", dest="compile", action="store_false", help="eager SVI steps"
+    )
     args = parser.parse_args(argv)
-    if args.smoke:
-        args.steps, args.warm_start, args.batch = 20, 10, 64
+    if args.smoke:  # seconds: compiling would cost more than it saves
+        args.steps, args.warm_start, args.batch, args.compile = 20, 10, 64, False
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)

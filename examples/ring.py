@@ -39,10 +39,9 @@ import numpy as np
 import pandas as pd
 import pyro
 import torch
-from pyro.infer import SVI
 from tqdm import tqdm
 
-from pyro_fdiv.inference import FDivergenceBound, SpreadSchedule
+from pyro_fdiv.inference import FDivergenceBound, SpreadSchedule, make_step
 from pyro_fdiv.models.toy import LatentGenerator, mode_shares, ring_data, ring_modes
 
 DIVERGENCES = ["forward_kl", "reverse_kl", "js"]
@@ -97,11 +96,12 @@ def train(f: str, data: torch.Tensor, args, settings: dict):
     steps = settings["steps"]
     decay = settings["lr_final"] ** (1 / steps)  # lr -> lr * lr_final over the run
     optim = pyro.optim.ClippedAdam({"lr": settings["lr"], "lrd": decay, "clip_norm": math.inf})
-    svi = SVI(net.model, net.guide, optim, loss=objective)
+    # compiled gradient steps once the spread stops annealing (eager while it anneals)
+    step = make_step(net.model, net.guide, optim, objective, compile=args.compile)
     losses, start = [], time.perf_counter()
     for _ in tqdm(range(steps), desc=f, disable=not args.progress):
         batch = data[torch.randint(len(data), (args.batch,))]
-        losses.append(svi.step(batch))
+        losses.append(step(batch))
     return net, losses, time.perf_counter() - start
 
 
@@ -156,9 +156,13 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="a few steps, to check it runs")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument(
+        "--no-compile", dest="compile", action="store_false", help="eager SVI steps"
+    )
     args = parser.parse_args(argv)
-    if args.smoke:
+    if args.smoke:  # seconds: compiling would cost more than it saves
         args.steps, args.anneal_steps, args.hidden, args.num_samples = 20, 10, [16, 16], 500
+        args.compile = False
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
 

@@ -536,8 +536,8 @@ class AVB(Compilable, ELBO):
         value, _ = self._grads(model, guide, args, kwargs)
         draw, self._elbo_draw = self._elbo_draw, None
         if draw is None:  # the compiled program's draw: the latent (and observed) features
-            z, *x = self._compiled.aux  # type: ignore[union-attr]
-            draw = _Draw(None, None, None, None, z, x[0] if x else None)  # type: ignore[arg-type]
+            z, *x = self._compiled.aux
+            draw = _Draw(None, None, None, None, z, x[0] if x else None)
         for step in range(self.num_adversary_steps):
             if step > 0:
                 with torch.no_grad():

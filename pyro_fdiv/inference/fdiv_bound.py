@@ -581,6 +581,7 @@ class FDivergenceBound(Compilable, InnerTraining, ELBO):
     def _guide_step(self, model, guide, args, kwargs) -> float:
         """One update of the guide's parameters with ``guide_optim``; the bound's value."""
         value, params = self._grads(model, guide, args, kwargs, "guide")
+        params = params or []  # the guide part always names the parameters it wrote
         self.guide_optim(params)
         for p in params:
             p.grad = None
