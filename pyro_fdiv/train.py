@@ -53,7 +53,7 @@ from typing import Any
 import pandas as pd
 import pyro
 import torch
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
 from pyro_fdiv import checkpoint

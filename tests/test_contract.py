@@ -25,7 +25,6 @@ from pyro_fdiv.inference import (
     ReweightedWakeSleep,
 )
 from pyro_fdiv.inference.compiled import Compilable, CompiledLoss
-from pyro_fdiv.inference.objective import ImportanceObjective
 
 
 def target():

@@ -216,8 +216,9 @@ class AVB(Compilable, ELBO):
     :param bool compile: when ``True``, the gradient step of the model's and guide's loss in
         :meth:`loss_and_grads` runs as a compiled program
         (:class:`~pyro_fdiv.inference.compiled.CompiledLoss`), with the discriminator's
-        parameters as its inputs; the discriminator's own updates stay eager (plain PyTorch),
-        the first on the program's latent draws as before. Adaptive contrast only: the prior
+        parameters as its inputs, and so do the fresh guide draws of the later discriminator
+        steps; the discriminator's own updates stay eager (plain PyTorch), the first on the
+        program's latent draws as before. Adaptive contrast only: the prior
         contrast draws its samples from the step's guide trace, which the program does not
         return, so those steps stay eager with one warning.
     :param dict compile_options: keyword arguments of ``torch.compile``.
@@ -534,19 +535,29 @@ class AVB(Compilable, ELBO):
             ``check_finite``).
         """
         value, _ = self._grads(model, guide, args, kwargs)
-        draw, self._elbo_draw = self._elbo_draw, None
-        if draw is None:  # the compiled program's draw: the latent (and observed) features
-            z, *x = self._compiled.aux
-            draw = _Draw(None, None, None, None, z, x[0] if x else None)
         for step in range(self.num_adversary_steps):
-            if step > 0:
-                with torch.no_grad():
-                    draw = self._draw(model, guide, args, kwargs)
-            self._adversary_update(model, draw, args, kwargs)
+            if step > 0:  # a fresh guide draw (with compile=True, a program of its own)
+                self._grads(model, guide, args, kwargs, "draw")
+            self._adversary_update(model, self._last_draw(), args, kwargs)
+        self._elbo_draw = None
         return value
 
-    # the compiled path's protocol (pyro_fdiv.inference.compiled.Compilable)
+    def _last_draw(self) -> _Draw:
+        """The draw of the last ELBO step or fresh draw: the eager one, or the compiled
+        program's latent (and observed) features."""
+        draw, self._elbo_draw = self._elbo_draw, None
+        if draw is None:
+            z, *x = self._compiled.aux
+            draw = _Draw(None, None, None, None, z, x[0] if x else None)
+        return draw
+
+    # the compiled path's protocol (pyro_fdiv.inference.compiled.Compilable): the ELBO step
+    # (part "") and the discriminator's fresh draws (part "draw", no gradient)
     def _eager_grads(self, model, guide, args, kwargs, part=""):
+        if part == "draw":
+            with torch.no_grad():
+                self._elbo_draw = self._draw(model, guide, args, kwargs)
+            return 0.0, []
         draw = self._prepare(model, guide, args, kwargs)
         loss = -self._elbo(draw).mean(0).sum() * draw.weights.scale
         value = self._checked(loss, draw)
@@ -557,8 +568,11 @@ class AVB(Compilable, ELBO):
 
     def _traced_loss(self, model, guide, args, kwargs, part=""):
         draw = self._prepare(model, guide, args, kwargs)
-        loss = -self._elbo(draw).mean(0).sum() * draw.weights.scale
+        loss = -self._elbo(draw).mean(0).sum() * draw.weights.scale  # "draw": checks the program
         return loss, None, (draw.z,) if draw.x is None else (draw.z, draw.x)
+
+    def _program_wrt(self, part: str) -> list[str] | None:
+        return [] if part == "draw" else None
 
     def _program_modules(self) -> list[nn.Module]:
         return [self.discriminator] if self.discriminator is not None else []
@@ -572,6 +586,8 @@ class AVB(Compilable, ELBO):
         return None
 
     def _raise_non_finite(self, value, model, guide, args, kwargs, part="") -> None:
+        if part == "draw":
+            return  # its loss is only the program's check; the eager draw has none
         with torch.no_grad():  # the same draw, eagerly: the check names the sites
             draw = self._prepare(model, guide, args, kwargs)
             self._checked(-self._elbo(draw).mean(0).sum() * draw.weights.scale, draw)
