@@ -261,6 +261,8 @@ class Captured(NamedTuple):
     used: list[int]  # indices of the parameters whose gradients the program returns
     extra_slots: list[Slot]  # the objective's own tensors, inputs after the state
     num_aux: int  # tensors the loss function returned besides the loss, output last
+    differentiate: list[int]  # indices of the parameters differentiated
+    accumulate: bool  # the gradients are added to buffers passed in, not returned
 
 
 def capture(
@@ -274,6 +276,8 @@ def capture(
     state: Sequence[torch.Tensor] = (),
     wrt: Sequence[str] | None = None,
     modules: Sequence[torch.nn.Module] = (),
+    accumulate: bool = False,
+    guard: bool = False,
 ) -> Captured:
     """
     Trace ``loss_fn(model, guide, args, kwargs) -> (loss, signature[, aux])`` and its gradient
@@ -288,6 +292,12 @@ def capture(
     :param modules: modules of the objective's own (a critic, a discriminator, the training
         set): their parameters and buffers are inputs without gradient (``extras``), read
         afresh on every call, so the objective may update them between steps.
+    :param accumulate: without ``update``: the graph takes one flat gradient buffer per
+        differentiated parameter after the state and adds the gradients to them in place (as
+        ``backward`` accumulates into ``.grad``), returning ``(loss, aux...)``; the gradients
+        are then never all alive at once besides ``.grad`` (peak memory as eager); with
+        ``guard``, a loss that is not finite leaves the buffers as they were (as an eager step
+        raises before its ``backward``).
     :returns: the graph and its example inputs, the signature ``loss_fn`` returned while
         tracing, the indices of the parameters the loss depends on (the others get no gradient:
         eager ``backward`` leaves their ``.grad`` as it was, so an optimizer skips or steps them
@@ -300,11 +310,15 @@ def capture(
     slots = _module_slots((model, guide), params)
     extra_slots = tensor_slots(modules, params)
     tensors, rebuild, _ = split_arguments(args, kwargs)
-    num_params, num_state, num_extras = len(params), len(state), len(extra_slots)
     differentiate = [i for i, name in enumerate(names) if wrt is None or name in wrt]
+    accumulate = accumulate and update is None
+    num_params, num_state = len(params), len(state) + (len(differentiate) if accumulate else 0)
+    num_extras = len(extra_slots)
     recorded: list[tuple] = []
 
-    shapes = [p.shape for p in params] + [t.shape for t in state]
+    buffers = [torch.zeros(params[i].numel(), dtype=params[i].dtype) for i in differentiate]
+    buffers = buffers if accumulate else []
+    shapes = [p.shape for p in params] + [t.shape for t in state] + [b.shape for b in buffers]
     if not all(t.is_contiguous() for t in (*params, *state)):
         raise TraceFailure("a parameter or optimizer state tensor is not contiguous")
 
@@ -330,6 +344,13 @@ def capture(
             for i, g in zip(differentiate, found, strict=True):
                 grads[i] = g
         recorded.append((sig, [i for i, g in enumerate(grads) if g is not None], len(aux)))
+        if accumulate:  # into the gradient buffers, in place
+            finite = torch.isfinite(loss.detach())
+            for buffer, i in zip(flat[num_params:], differentiate, strict=True):
+                if grads[i] is not None:
+                    new = buffer + grads[i].reshape(-1)  # type: ignore[union-attr]
+                    buffer.copy_(torch.where(finite, new, buffer) if guard else new)
+            return (loss.detach(), *aux)
         if update is None:  # the gradients of the parameters the loss depends on
             return (loss.detach(), *[g for g in grads if g is not None], *aux)
         filled = [
@@ -341,7 +362,7 @@ def capture(
         return (loss.detach(), *aux)
 
     extras = [table[name].detach() for table, name in extra_slots]
-    inputs = [*flat_inputs(params), *flat_inputs(state), *extras, *tensors]
+    inputs = [*flat_inputs(params), *flat_inputs(state), *buffers, *extras, *tensors]
     with _tracing(), quiet_compile():
         try:
             gm = make_fx(program, tracing_mode="fake", _allow_non_fake_inputs=True)(*inputs)
@@ -354,7 +375,7 @@ def capture(
             "guide and objective, so the trace would freeze them"
         )
     sig, used, num_aux = recorded[0]
-    return Captured(gm, inputs, sig, used, extra_slots, num_aux)
+    return Captured(gm, inputs, sig, used, extra_slots, num_aux, differentiate, accumulate)
 
 
 def outer_handlers() -> str | None:
@@ -501,6 +522,14 @@ class _Program:
         self.flat = flat_inputs(self.params)  # the same storage, written in place
         self.extra_slots = captured.extra_slots
         self.extra_meta = [_meta(table[name]) for table, name in self.extra_slots]
+        self.accumulate, self.differentiate = captured.accumulate, captured.differentiate
+        used = set(self.used)
+        #: gradient buffers of differentiated parameters the loss does not reach (not written)
+        self.spare = {
+            j: torch.zeros(self.params[i].numel(), dtype=self.params[i].dtype)
+            for j, i in enumerate(self.differentiate)
+            if i not in used
+        }
         self.fn = self._first_call
 
     def _first_call(self, *inputs):
@@ -519,6 +548,23 @@ class _Program:
         if any(p is not q for p, q in zip(current, self.params, strict=True)):
             return None
         return current
+
+    def grad_buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The flat ``.grad`` of each differentiated parameter the loss reaches (created as
+        zeros where ``backward`` would create it), to accumulate into; a spare buffer for the
+        others, whose ``.grad`` eager ``backward`` leaves alone."""
+        buffers = []
+        for j, i in enumerate(self.differentiate):
+            if j in self.spare:
+                buffers.append(self.spare[j])
+                continue
+            p = params[i]
+            if p.grad is None:
+                p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            elif not p.grad.is_contiguous():
+                p.grad = p.grad.contiguous()
+            buffers.append(p.grad.view(-1))
+        return buffers
 
     def extras(self) -> list[torch.Tensor] | None:
         """The objective's own tensors as they are now, or ``None`` when one changed its shape,
@@ -571,7 +617,7 @@ class _ProgramCache:
             "fallback_random", True
         )
 
-    def _call(self, key, program: _Program, inputs: list, model, guide, args, kwargs):
+    def _call(self, key, program: _Program, inputs: list, model, guide, args, kwargs, writes=None):
         """
         Run ``program``. Its first call is checked against the eager loss of the same draw
         (with the same random numbers, else only whether both are finite): a backend that
@@ -583,14 +629,15 @@ class _ProgramCache:
         """
         if program.checked:
             return program.fn(*inputs)
+        writes = program.writes if writes is None else writes
         with _tracing(), torch.enable_grad():  # validation off, the random state restored
             want = float(program.loss_fn(model, guide, args, kwargs)[0].detach())
         rng = torch.get_rng_state()
-        saved = [t.detach().clone() for t in program.writes]
+        saved = [t.detach().clone() for t in writes]
         got = got_first = math.nan
         for retry in (False, True):
             if retry:
-                _restore(program.writes, saved)
+                _restore(writes, saved)
                 torch.set_rng_state(rng)
                 options = dict(self.compile_options or {})
                 options["options"] = {**(options.get("options") or {}), "cpp.simdlen": 1}
@@ -610,7 +657,7 @@ class _ProgramCache:
             got_first = got
             if not self.inductor:
                 break
-        _restore(program.writes, saved)
+        _restore(writes, saved)
         torch.set_rng_state(rng)
         del self.programs[key]
         self.eager_keys.add(key)
@@ -713,8 +760,11 @@ class CompiledLoss(_ProgramCache):
         if program is not None:
             params, extras = program.current(), program.extras()
             if params is not None and extras is not None:
-                inputs = [*program.flat, *extras, *tensors]
-                return self._run(key, program, params, inputs, model, guide, args, kwargs, part)
+                grads = program.grad_buffers(params)
+                inputs = [*program.flat, *grads, *extras, *tensors]
+                return self._run(
+                    key, program, params, inputs, grads, model, guide, args, kwargs, part
+                )
             del self.programs[key]  # other parameter tensors: capture again
         elif key in self.eager_keys:
             return objective._eager_grads(model, guide, args, kwargs, part)
@@ -740,34 +790,27 @@ class CompiledLoss(_ProgramCache):
             objective._validated,
             wrt=objective._program_wrt(part),
             modules=objective._program_modules(),
+            accumulate=True,
+            guard=objective.check_finite,
         )
         if compiled is not None:
             self.programs[key] = _Program(*compiled, names, loss_fn)
         return out
 
-    def _run(self, key, program, params, inputs, model, guide, args, kwargs, part):
+    def _run(self, key, program, params, inputs, grads, model, guide, args, kwargs, part):
         state = torch.get_rng_state()
-        out = self._call(key, program, inputs, model, guide, args, kwargs)
+        out = self._call(key, program, inputs, model, guide, args, kwargs, writes=grads)
         if out is None:
             return self.objective._eager_grads(model, guide, args, kwargs, part)
         value = out[0].item()
-        if self.objective.check_finite and not math.isfinite(value):
+        if self.objective.check_finite and not math.isfinite(value):  # .grad left as it was
             torch.set_rng_state(state)
             self.objective._raise_non_finite(value, model, guide, args, kwargs, part)
-        grads = out[1 : len(out) - program.num_aux]
-        written = []
-        for i, g in zip(program.used, grads, strict=True):
-            p = params[i]
-            if p.grad is None:
-                p.grad = g
-            else:
-                p.grad.add_(g)
-            written.append(p)
         if program.num_aux:
             self.aux = tuple(out[len(out) - program.num_aux :])
         if _PYRO_STACK:  # SVI's parameter capture: record the parameters read
             record_params(program.names)
-        return value, written
+        return value, [params[i] for i in program.used]
 
 
 class Compilable:
