@@ -348,7 +348,7 @@ def capture(
             finite = torch.isfinite(loss.detach())
             for buffer, i in zip(flat[num_params:], differentiate, strict=True):
                 if grads[i] is not None:
-                    new = buffer + grads[i].reshape(-1)  # type: ignore[union-attr]
+                    new = buffer + grads[i].reshape(-1)
                     buffer.copy_(torch.where(finite, new, buffer) if guard else new)
             return (loss.detach(), *aux)
         if update is None:  # the gradients of the parameters the loss depends on
