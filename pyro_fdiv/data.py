@@ -115,9 +115,12 @@ def _read_idx(path: Path) -> np.ndarray:
 def _checked_images(path: Path, images: object, shape: tuple, binary: bool = False) -> np.ndarray:
     """``images`` if it is a uint8 array of ``shape`` (``-1``: any size) with values in
     {0, 1} when ``binary``; else a ValueError naming the file."""
-    fits = isinstance(images, np.ndarray) and images.ndim == len(shape)
-    fits = fits and all(s in (-1, n) for s, n in zip(shape, images.shape, strict=True))
-    if not fits or images.dtype.kind not in "uib":
+    if not (
+        isinstance(images, np.ndarray)
+        and images.ndim == len(shape)
+        and all(s in (-1, n) for s, n in zip(shape, images.shape, strict=True))
+        and images.dtype.kind in "uib"
+    ):
         got = (images.dtype, images.shape) if isinstance(images, np.ndarray) else type(images)
         raise _malformed(path, f"expected an integer array of shape {shape}, got {got}")
     if binary and images.size and (images.min() < 0 or images.max() > 1):
@@ -217,9 +220,9 @@ def load_mnist(
         raise _malformed(
             label_path, f"expected {images.shape[0]} labels in 0-9 for {images_path.name}"
         )
-    labels = torch.as_tensor(labels.astype(np.int64))
+    label_tensor = torch.as_tensor(labels.astype(np.int64))
     x = _tensor(images, dtype) / 255.0
-    return _binarize(x, binarize, seed), labels
+    return _binarize(x, binarize, seed), label_tensor
 
 
 def _download_mnist(root, image_file: str) -> Path:

@@ -727,7 +727,7 @@ class AmariAlpha(Divergence):
             raise TypeError(f"Expected alpha to be a real number, actual {alpha!r}")
         if not math.isfinite(alpha):
             raise ValueError(f"Expected alpha to be a finite real number, actual {alpha!r}")
-        self.alpha = float(alpha)
+        self.alpha: float = float(alpha)
         self.symmetric = self.alpha == 0.5
 
     @property
@@ -736,6 +736,8 @@ class AmariAlpha(Divergence):
 
     def _f(self, x: Tensor) -> Tensor:
         a, s = self.alpha, _saturation(x)
+        breaks: list[float]
+        fns: list[Callable[[Tensor], Tensor]]
         if a >= 0.5:  # accurate near α = 1
             breaks, fns = [0.0], [self._f_upper_below, self._f_upper_above]
         else:  # accurate near α = 0
