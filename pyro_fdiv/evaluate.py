@@ -186,7 +186,7 @@ def log_likelihood(
     starts = range(0, len(data), batch_size)
     for start in tqdm(starts, desc="log-likelihood", disable=not progress, leave=False):
         batch_args = (data[start : start + batch_size], *args)
-        total = None
+        total: torch.Tensor | None = None
         for done in range(0, num_samples, particle_chunk):
             size = min(particle_chunk, num_samples - done)
             weights = importance_trace(
@@ -200,6 +200,7 @@ def log_likelihood(
             log_w = _per_data_point(weights, len(batch_args[0]), data_plate)
             chunk = torch.logsumexp(log_w, dim=0)
             total = chunk if total is None else torch.logaddexp(total, chunk)
+        assert total is not None  # num_samples >= 1: the loop ran
         results.append(total - math.log(num_samples))
     return torch.cat(results)
 

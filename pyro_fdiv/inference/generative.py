@@ -145,7 +145,7 @@ class ObservationMessenger(Messenger):
 
 def trace_params(trace: Trace) -> list[torch.Tensor]:
     """The unconstrained leaf tensors of the ``pyro.param`` sites in ``trace``."""
-    params = []
+    params: list[torch.Tensor] = []
     for site in trace.nodes.values():
         if site["type"] == "param":
             value = site["value"]

@@ -11,6 +11,7 @@ from torch import nn
 __all__ = ["InnerTraining", "InnerTrainingProtocol", "inner_parameters", "move", "step_inner"]
 
 T = TypeVar("T")
+_InnerT = TypeVar("_InnerT", bound="InnerTraining")
 
 
 @runtime_checkable
@@ -83,7 +84,7 @@ class InnerTraining:
         """The inner updates of one training step alone (none by default)."""
         return None
 
-    def to(self: T, *args, **kwargs) -> T:
+    def to(self: _InnerT, *args, **kwargs) -> _InnerT:
         """Move the objective's modules and buffers like :meth:`torch.nn.Module.to`, and its
         optimizers' state to their parameters' device and dtype."""
         for module in self._inner_modules():
@@ -93,11 +94,11 @@ class InnerTraining:
             optim.load_state_dict(optim.state_dict())
         return self
 
-    def double(self: T) -> T:
+    def double(self: _InnerT) -> _InnerT:
         """``to(torch.float64)``."""
         return self.to(torch.float64)
 
-    def float(self: T) -> T:
+    def float(self: _InnerT) -> _InnerT:
         """``to(torch.float32)``."""
         return self.to(torch.float32)
 

@@ -119,7 +119,7 @@ def stack(draws: Sequence[Any]) -> Any:
             "on its random draws, so the particles' weights cannot be stacked per data point."
         )
 
-    def terms(field: str) -> dict[str, torch.Tensor]:
+    def terms(field: str) -> dict[str, torch.Tensor | None]:
         names = [n for n in getattr(first, field) if all(n in getattr(d, field) for d in draws)]
         return {n: _cat([getattr(d, field)[n] for d in draws]) for n in names}
 

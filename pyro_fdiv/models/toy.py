@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import pyro
 import pyro.distributions as dist
@@ -162,7 +162,7 @@ class LatentGenerator(nn.Module):
         (:class:`FlowEncoder`).
     """
 
-    ENCODERS: ClassVar[dict[str, type[nn.Module]]] = {
+    ENCODERS: ClassVar[dict[str, type[GaussianEncoder] | type[FlowEncoder]]] = {
         "gaussian": GaussianEncoder,
         "flow": FlowEncoder,
     }
@@ -193,7 +193,7 @@ class LatentGenerator(nn.Module):
     @torch.no_grad()
     def sample(self, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, z)``: ``num_samples`` draws of the noise-free model :math:`x = \\mu_\\theta(z)`."""
-        weight = self.decoder[0].weight
+        weight = cast(nn.Linear, self.decoder[0]).weight
         z = torch.randn(num_samples, self.z_dim, dtype=weight.dtype, device=weight.device)
         return self.decoder(z), z
 
