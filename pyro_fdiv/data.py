@@ -26,6 +26,7 @@ import math
 import os
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -316,7 +317,9 @@ def _chardata(path: Path, key: str) -> np.ndarray:
     return np.ascontiguousarray(images.transpose(0, 2, 1)).astype(np.float64)
 
 
-def load_dataset(name: str, root=None, split: str = "train", **kwargs) -> torch.Tensor:
+def load_dataset(
+    name: str, root: str | os.PathLike | None = None, split: str = "train", **kwargs: Any
+) -> torch.Tensor:
     """``"binarized-mnist"``, ``"mnist"`` (images only) or ``"omniglot"`` by name."""
     if name == "binarized-mnist":
         return load_binarized_mnist(root, split, **kwargs)

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pyro
 import torch
@@ -144,13 +144,13 @@ def log_likelihood(
     model: Callable,
     guide: Callable,
     data: torch.Tensor,
-    *args,
+    *args: Any,
     num_samples: int = 5000,
     batch_size: int = 100,
     particle_chunk: int | None = None,
     progress: bool = False,
     data_plate: str | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> torch.Tensor:
     r"""
     Importance-sampling estimate of :math:`\log p_\theta(x_n)` for every row of ``data``.
@@ -354,7 +354,16 @@ class _Annealed:
     r"""The annealing path of one batch: evaluates :class:`_State` at unconstrained values,
     all chains and data points in one model (and guide) run."""
 
-    def __init__(self, model, guide, args, kwargs, num_chains, max_plate_nesting, data_plate):
+    def __init__(
+        self,
+        model: Callable,
+        guide: Callable | None,
+        args: tuple,
+        kwargs: dict,
+        num_chains: int,
+        max_plate_nesting: int,
+        data_plate: str | None,
+    ) -> None:
         plate = pyro.plate(PARTICLE_PLATE, num_chains, dim=-max_plate_nesting - 1)
         self.model, self.guide = plate(model), None if guide is None else plate(guide)
         self.args, self.kwargs = args, kwargs
@@ -570,7 +579,7 @@ def _stderr(log_w: torch.Tensor) -> torch.Tensor:
 def ais_log_likelihood(
     model: Callable,
     data: torch.Tensor,
-    *args,
+    *args: Any,
     initial: str | Callable = "prior",
     num_chains: int = 16,
     num_steps: int = 1000,
@@ -582,7 +591,7 @@ def ais_log_likelihood(
     batch_size: int = 100,
     data_plate: str | None = None,
     progress: bool = False,
-    **kwargs,
+    **kwargs: Any,
 ) -> AISResult:
     r"""
     Annealed-importance-sampling estimate of :math:`\log p_\theta(x_n)` for every row of
