@@ -230,8 +230,8 @@ def _read_count(config: TrainConfig) -> int:
 
 
 # the InitVar's class attribute (its default, None) becomes a read-only view of the count;
-# the generated __init__ already holds the default
-# (mypy sees the InitVar as no attribute of the class)
+# the generated __init__ already holds the default (ignore: mypy models an InitVar as no
+# attribute of the class, so it cannot see this one replaced)
 TrainConfig.num_particles = property(_read_count, doc=_read_count.__doc__)  # type: ignore[attr-defined]
 
 
