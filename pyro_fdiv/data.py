@@ -26,6 +26,7 @@ import math
 import os
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -115,9 +116,12 @@ def _read_idx(path: Path) -> np.ndarray:
 def _checked_images(path: Path, images: object, shape: tuple, binary: bool = False) -> np.ndarray:
     """``images`` if it is a uint8 array of ``shape`` (``-1``: any size) with values in
     {0, 1} when ``binary``; else a ValueError naming the file."""
-    fits = isinstance(images, np.ndarray) and images.ndim == len(shape)
-    fits = fits and all(s in (-1, n) for s, n in zip(shape, images.shape, strict=True))
-    if not fits or images.dtype.kind not in "uib":
+    if not (
+        isinstance(images, np.ndarray)
+        and images.ndim == len(shape)
+        and all(s in (-1, n) for s, n in zip(shape, images.shape, strict=True))
+        and images.dtype.kind in "uib"
+    ):
         got = (images.dtype, images.shape) if isinstance(images, np.ndarray) else type(images)
         raise _malformed(path, f"expected an integer array of shape {shape}, got {got}")
     if binary and images.size and (images.min() < 0 or images.max() > 1):
@@ -217,9 +221,9 @@ def load_mnist(
         raise _malformed(
             label_path, f"expected {images.shape[0]} labels in 0-9 for {images_path.name}"
         )
-    labels = torch.as_tensor(labels.astype(np.int64))
+    label_tensor = torch.as_tensor(labels.astype(np.int64))
     x = _tensor(images, dtype) / 255.0
-    return _binarize(x, binarize, seed), labels
+    return _binarize(x, binarize, seed), label_tensor
 
 
 def _download_mnist(root, image_file: str) -> Path:
@@ -313,7 +317,9 @@ def _chardata(path: Path, key: str) -> np.ndarray:
     return np.ascontiguousarray(images.transpose(0, 2, 1)).astype(np.float64)
 
 
-def load_dataset(name: str, root=None, split: str = "train", **kwargs) -> torch.Tensor:
+def load_dataset(
+    name: str, root: str | os.PathLike | None = None, split: str = "train", **kwargs: Any
+) -> torch.Tensor:
     """``"binarized-mnist"``, ``"mnist"`` (images only) or ``"omniglot"`` by name."""
     if name == "binarized-mnist":
         return load_binarized_mnist(root, split, **kwargs)

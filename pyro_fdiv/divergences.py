@@ -68,6 +68,7 @@ Example::
 import math
 import numbers
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -180,12 +181,12 @@ class _ScaledExpm1(torch.autograd.Function):
         return torch.where(y <= 1, c * torch.expm1(y), large)
 
     @staticmethod
-    def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
         x, ctx.a, ctx.c = inputs
         ctx.save_for_backward(x)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple:
+    def backward(ctx: Any, grad: Tensor) -> tuple:
         (x,) = ctx.saved_tensors
         a, c = ctx.a, ctx.c
         slope = math.copysign(1.0, a * c) * torch.exp(a * x + math.log(abs(a * c)))
@@ -727,7 +728,7 @@ class AmariAlpha(Divergence):
             raise TypeError(f"Expected alpha to be a real number, actual {alpha!r}")
         if not math.isfinite(alpha):
             raise ValueError(f"Expected alpha to be a finite real number, actual {alpha!r}")
-        self.alpha = float(alpha)
+        self.alpha: float = float(alpha)
         self.symmetric = self.alpha == 0.5
 
     @property
@@ -736,6 +737,8 @@ class AmariAlpha(Divergence):
 
     def _f(self, x: Tensor) -> Tensor:
         a, s = self.alpha, _saturation(x)
+        breaks: list[float]
+        fns: list[Callable[[Tensor], Tensor]]
         if a >= 0.5:  # accurate near α = 1
             breaks, fns = [0.0], [self._f_upper_below, self._f_upper_above]
         else:  # accurate near α = 0
@@ -877,7 +880,7 @@ def available_divergences() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_divergence(name: str | Divergence, **kwargs) -> Divergence:
+def get_divergence(name: str | Divergence, **kwargs: Any) -> Divergence:
     """Look up a divergence by registry name, e.g. ``get_divergence("amari_alpha", alpha=0.5)``.
 
     :param name: a registered name (see :func:`available_divergences`), or a :class:`Divergence`

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pyro
 import torch
@@ -144,13 +144,13 @@ def log_likelihood(
     model: Callable,
     guide: Callable,
     data: torch.Tensor,
-    *args,
+    *args: Any,
     num_samples: int = 5000,
     batch_size: int = 100,
     particle_chunk: int | None = None,
     progress: bool = False,
     data_plate: str | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> torch.Tensor:
     r"""
     Importance-sampling estimate of :math:`\log p_\theta(x_n)` for every row of ``data``.
@@ -186,7 +186,7 @@ def log_likelihood(
     starts = range(0, len(data), batch_size)
     for start in tqdm(starts, desc="log-likelihood", disable=not progress, leave=False):
         batch_args = (data[start : start + batch_size], *args)
-        total = None
+        total: torch.Tensor | None = None
         for done in range(0, num_samples, particle_chunk):
             size = min(particle_chunk, num_samples - done)
             weights = importance_trace(
@@ -200,6 +200,7 @@ def log_likelihood(
             log_w = _per_data_point(weights, len(batch_args[0]), data_plate)
             chunk = torch.logsumexp(log_w, dim=0)
             total = chunk if total is None else torch.logaddexp(total, chunk)
+        assert total is not None  # num_samples >= 1: the loop ran
         results.append(total - math.log(num_samples))
     return torch.cat(results)
 
@@ -353,7 +354,16 @@ class _Annealed:
     r"""The annealing path of one batch: evaluates :class:`_State` at unconstrained values,
     all chains and data points in one model (and guide) run."""
 
-    def __init__(self, model, guide, args, kwargs, num_chains, max_plate_nesting, data_plate):
+    def __init__(
+        self,
+        model: Callable,
+        guide: Callable | None,
+        args: tuple,
+        kwargs: dict,
+        num_chains: int,
+        max_plate_nesting: int,
+        data_plate: str | None,
+    ) -> None:
         plate = pyro.plate(PARTICLE_PLATE, num_chains, dim=-max_plate_nesting - 1)
         self.model, self.guide = plate(model), None if guide is None else plate(guide)
         self.args, self.kwargs = args, kwargs
@@ -569,7 +579,7 @@ def _stderr(log_w: torch.Tensor) -> torch.Tensor:
 def ais_log_likelihood(
     model: Callable,
     data: torch.Tensor,
-    *args,
+    *args: Any,
     initial: str | Callable = "prior",
     num_chains: int = 16,
     num_steps: int = 1000,
@@ -581,7 +591,7 @@ def ais_log_likelihood(
     batch_size: int = 100,
     data_plate: str | None = None,
     progress: bool = False,
-    **kwargs,
+    **kwargs: Any,
 ) -> AISResult:
     r"""
     Annealed-importance-sampling estimate of :math:`\log p_\theta(x_n)` for every row of

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyro.distributions.constraints as pyro_constraints
@@ -39,15 +39,18 @@ __all__ = [
 #: The plain types besides tensors (exactly these: NumPy scalars pickle as code).
 PLAIN_TYPES = (str, bool, int, float, type(None))
 
+_ClassT = TypeVar("_ClassT", bound=type)
+
 
 class MalformedEntry(Exception):
     """An entry that is not what its plain form should be (the caller names the file)."""
 
 
-def _constraint_registry() -> tuple[dict[str, Constraint], dict[str, type]]:
+def _constraint_registry() -> tuple[dict[str, Constraint], dict[str, type[Constraint]]]:
     """The named constraint instances (``"positive"``) and the constraint classes by
     qualified name, of torch's and Pyro's constraint modules."""
-    named, classes = {}, {}
+    named: dict[str, Constraint] = {}
+    classes: dict[str, type[Constraint]] = {}
     for module in (torch_constraints, pyro_constraints):
         for name, value in vars(module).items():
             if isinstance(value, Constraint) and not name.startswith("_"):
@@ -61,10 +64,10 @@ def _constraint_registry() -> tuple[dict[str, Constraint], dict[str, type]]:
 _NAMED, _CLASSES = _constraint_registry()
 #: The constraint classes a checkpoint may name, by ``"module.QualName"`` (torch's and Pyro's,
 #: and those added by :func:`register_constraint`).
-CONSTRAINT_CLASSES: dict[str, type] = _CLASSES
+CONSTRAINT_CLASSES: dict[str, type[Constraint]] = _CLASSES
 
 
-def register_constraint(cls: type) -> type:
+def register_constraint(cls: _ClassT) -> _ClassT:
     """Allow instances of the constraint class ``cls`` (a subclass of
     :class:`torch.distributions.constraints.Constraint` whose state is its ``__dict__`` of
     tensors, numbers and constraints) in checkpoints; usable as a class decorator."""
@@ -227,7 +230,8 @@ def to_device(value: Any, device: str | torch.device) -> Any:
             return value
         return value.detach().to(device).requires_grad_(value.requires_grad)  # a leaf again
     if isinstance(value, dict):
-        moved = type(value)((k, to_device(v, device)) for k, v in value.items())
+        # Any: a module state_dict is an OrderedDict that carries a ``_metadata`` attribute
+        moved: Any = type(value)((k, to_device(v, device)) for k, v in value.items())
         if hasattr(value, "_metadata"):  # a module's state_dict
             moved._metadata = value._metadata
         return moved

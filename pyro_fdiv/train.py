@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable
 from dataclasses import InitVar, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 import pyro
@@ -70,6 +70,7 @@ from pyro_fdiv.inference import (
     inner,
 )
 from pyro_fdiv.inference.compiled import can_compile, make_step
+from pyro_fdiv.inference.data_density import EmpiricalData
 from pyro_fdiv.inference.iwae import GRADIENT_ESTIMATORS
 from pyro_fdiv.models.vae import ARCHITECTURES, VAE
 from pyro_fdiv.util import check_flag, check_integer, rng_preserved
@@ -198,7 +199,7 @@ class TrainConfig:
         get_divergence(self.f)  # a ValueError naming the known ones
         if self.log_density not in ("exact", "pca"):
             raise ValueError(f"Expected log_density 'exact' or 'pca', actual {self.log_density!r}")
-        self.spread = tuple(self.spread)
+        self.spread = cast(tuple[float, float, int], tuple(self.spread))  # checked next
         if len(self.spread) != 3:
             raise ValueError(f"Expected spread (start, end, anneal_epochs), actual {self.spread}")
         SpreadSchedule(self.spread[0], self.spread[1], max(1, int(self.spread[2])))
@@ -229,8 +230,9 @@ def _read_count(config: TrainConfig) -> int:
 
 
 # the InitVar's class attribute (its default, None) becomes a read-only view of the count;
-# the generated __init__ already holds the default
-TrainConfig.num_particles = property(_read_count, doc=_read_count.__doc__)
+# the generated __init__ already holds the default (ignore: mypy models an InitVar as no
+# attribute of the class, so it cannot see this one replaced)
+TrainConfig.num_particles = property(_read_count, doc=_read_count.__doc__)  # type: ignore[attr-defined]
 
 
 def _load(config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -353,7 +355,7 @@ def _implicit_encoder(config: TrainConfig) -> dict[str, Any]:
 
 
 def _replace_points(objective: FDivergenceBound, x: torch.Tensor) -> None:
-    objective.data.replace_points(x)
+    cast(EmpiricalData, objective.data).replace_points(x)  # the bound of a training set
 
 
 #: Each objective's :class:`Recipe` (see the module docstring).
@@ -410,10 +412,9 @@ class Trainer:
         self.config, self.progress = config, progress
         self.out = Path(config.out)
         self.device = torch.device(config.device)
-        data = _load(config)
-        self.train_x, self.test_x, self.gray = (
-            None if x is None else x.to(self.device) for x in data
-        )
+        train_x, test_x, gray = _load(config)
+        self.train_x, self.test_x = train_x.to(self.device), test_x.to(self.device)
+        self.gray = None if gray is None else gray.to(self.device)
         self.eval_x = fixed_subset(self.test_x, config.num_test)
         pyro.clear_param_store()
         pyro.set_rng_seed(config.seed)
@@ -432,7 +433,8 @@ class Trainer:
             self.vae.model, self.vae.guide, self.optim, self.objective, compile=compile
         )
         self.svi = self.step.svi
-        self.epoch, self.rows = 0, []
+        self.epoch = 0
+        self.rows: list[dict[str, Any]] = []
         if (self.out / CHECKPOINT).exists():
             if not resume:
                 raise FileExistsError(

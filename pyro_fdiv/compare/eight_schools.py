@@ -5,9 +5,10 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import arviz as az
 import numpy as np
@@ -15,7 +16,7 @@ import pandas as pd
 import pyro
 import pyro.util
 import torch
-from pyro.infer import SVI
+from pyro.infer import ELBO, SVI
 from tqdm.auto import tqdm
 
 from pyro_fdiv.compare import metrics
@@ -73,7 +74,8 @@ class MethodResult:
     name: str
     draws: np.ndarray  # (chains, draws, 10)
     seconds: float
-    log_q: object | None = None  # callable z -> log q(z), for guides with a density
+    # z -> log q(z), for guides with a density
+    log_q: Callable[[torch.Tensor], torch.Tensor] | None = None
     autocorrelated: bool = False  # MCMC draws: the kNN estimator skips same-chain neighbours
     extra: dict = field(default_factory=dict)
 
@@ -130,9 +132,10 @@ def fit_method(
         pyro.clear_param_store()
         pyro.set_rng_seed(seed)
         model = functools.partial(es.model, parameterization=parameterization)
-        guide = method.guide(model)
+        # a method to fit (not the reference) has both factories
+        guide = cast(Callable[[Callable], Callable], method.guide)(model)
         optim = pyro.optim.ClippedAdam({"lr": method.lr, "lrd": 0.1 ** (1 / steps)})
-        objective = method.objective()
+        objective = cast(Callable[[], ELBO], method.objective)()
         if compile and can_compile(objective):
             step = make_step(model, guide, optim, objective)
         else:
@@ -161,6 +164,7 @@ def _resampled(method: Method, model, guide, num_draws: int, seconds: float, los
     """``num_draws`` draws by :func:`importance_resample` from the fitted ``guide``; the
     resampled distribution has no density in closed form (no exact KL), and the weights' PSIS
     k-hat and ESS / K go into ``extra``."""
+    assert method.num_proposals is not None  # fit_method calls this only then
     start = time.perf_counter()
     result = importance_resample(
         model, guide, num_samples=num_draws, num_proposals=method.num_proposals

@@ -45,11 +45,15 @@ Example::
     table = parameter_errors(ref, q, ["a", "b"])
 """
 
+from __future__ import annotations
+
 import math
 import warnings
+from collections.abc import Sequence
 
 import arviz
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 import torch
 from scipy.spatial import cKDTree
@@ -157,7 +161,14 @@ def _validate_knn_args(p: np.ndarray, q: np.ndarray, k: int, window: int) -> Non
         raise ValueError(f"Expected q with at least k = {k} points, actual {len(q)}")
 
 
-def knn_kl(p, q, k: int = 1, *, p_chains=None, window: int = 0) -> float:
+def knn_kl(
+    p: npt.ArrayLike | torch.Tensor,
+    q: npt.ArrayLike | torch.Tensor,
+    k: int = 1,
+    *,
+    p_chains: npt.ArrayLike | torch.Tensor | None = None,
+    window: int = 0,
+) -> float:
     r"""
     k-nearest-neighbour estimate of :math:`\mathrm{KL}(P \| Q)` from samples [1].
 
@@ -251,7 +262,13 @@ def _knn_average(rho: np.ndarray, nu: np.ndarray, candidates: np.ndarray, m: int
 
 
 def knn_kl_both(
-    ref, q, k: int = 1, *, ref_chains=None, q_chains=None, window: int = 0
+    ref: npt.ArrayLike | torch.Tensor,
+    q: npt.ArrayLike | torch.Tensor,
+    k: int = 1,
+    *,
+    ref_chains: npt.ArrayLike | torch.Tensor | None = None,
+    q_chains: npt.ArrayLike | torch.Tensor | None = None,
+    window: int = 0,
 ) -> tuple[float, float]:
     r"""
     Both kNN estimates :math:`(\mathrm{KL}(R \| Q), \mathrm{KL}(Q \| R))` of :func:`knn_kl`.
@@ -277,7 +294,9 @@ def knn_kl_both(
     if n_ref != n_q:
         raise ValueError(f"Expected ref and q of equal sample sizes, actual {n_ref} and {n_q}")
 
-    def window_for(x, chains) -> int:
+    def window_for(
+        x: npt.ArrayLike | torch.Tensor, chains: npt.ArrayLike | torch.Tensor | None
+    ) -> int:
         return window if chains is not None or np.ndim(x) == 3 else 0
 
     forward = knn_kl(ref, q, k, p_chains=ref_chains, window=window_for(ref, ref_chains))
@@ -302,7 +321,11 @@ def _paired(a, b, name_a: str, name_b: str) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-def exact_kl_q_p(log_joint_q, log_q_q, log_evidence) -> tuple[float, float]:
+def exact_kl_q_p(
+    log_joint_q: npt.ArrayLike | torch.Tensor,
+    log_q_q: npt.ArrayLike | torch.Tensor,
+    log_evidence: npt.ArrayLike | torch.Tensor,
+) -> tuple[float, float]:
     r"""
     :math:`\mathrm{KL}(q \| p)` from independent draws :math:`z_s \sim q`:
 
@@ -334,7 +357,11 @@ def exact_kl_q_p(log_joint_q, log_q_q, log_evidence) -> tuple[float, float]:
     return float(value), float(summand.std(ddof=1) / math.sqrt(summand.size))
 
 
-def exact_kl_p_q(log_joint_ref, log_q_ref, log_evidence) -> tuple[float, float]:
+def exact_kl_p_q(
+    log_joint_ref: npt.ArrayLike | torch.Tensor,
+    log_q_ref: npt.ArrayLike | torch.Tensor,
+    log_evidence: npt.ArrayLike | torch.Tensor,
+) -> tuple[float, float]:
     r"""
     :math:`\mathrm{KL}(p \| q)` from reference draws :math:`z_s \sim p(z \mid y)`:
 
@@ -377,7 +404,9 @@ def exact_kl_p_q(log_joint_ref, log_q_ref, log_evidence) -> tuple[float, float]:
     return value, float(arviz.mcse(summand, method="mean"))
 
 
-def parameter_errors(ref, q, names) -> pd.DataFrame:
+def parameter_errors(
+    ref: npt.ArrayLike | torch.Tensor, q: npt.ArrayLike | torch.Tensor, names: Sequence[str]
+) -> pd.DataFrame:
     r"""
     Per-parameter errors of the approximate marginals, in units of the reference sd.
 
@@ -423,7 +452,7 @@ def parameter_errors(ref, q, names) -> pd.DataFrame:
     return frame
 
 
-def psis_khat(log_weights, reff: float = 1.0) -> float:
+def psis_khat(log_weights: npt.ArrayLike | torch.Tensor, reff: float = 1.0) -> float:
     r"""
     Pareto-smoothed importance sampling diagnostic :math:`\hat k` [2, 3].
 

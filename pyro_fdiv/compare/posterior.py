@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pyro.distributions as dist
 import torch
@@ -15,7 +16,9 @@ from pyro.poutine.util import site_is_subsample
 __all__ = ["has_density", "latent_supports", "sample_unconstrained", "unconstrained_log_density"]
 
 
-def latent_supports(model: Callable, *args, **kwargs) -> dict[str, tuple[object, torch.Size]]:
+def latent_supports(
+    model: Callable, *args: Any, **kwargs: Any
+) -> dict[str, tuple[object, torch.Size]]:
     """The support and value shape of every latent sample site of ``model``, in execution
     order."""
     with poutine.block():
@@ -31,7 +34,7 @@ def latent_supports(model: Callable, *args, **kwargs) -> dict[str, tuple[object,
 
 
 def sample_unconstrained(
-    model: Callable, guide: Callable, num_samples: int, *args, **kwargs
+    model: Callable, guide: Callable, num_samples: int, *args: Any, **kwargs: Any
 ) -> dict[str, torch.Tensor]:
     """
     ``num_samples`` joint draws of the guide's latent sites, mapped to unconstrained space with

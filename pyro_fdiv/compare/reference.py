@@ -104,7 +104,7 @@ class NUTSSettings:
     target_accept_prob: float = 0.95
     max_tree_depth: int = 10
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name in ("num_chains", "num_samples", "max_tree_depth"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"Expected {name} >= 1, actual {getattr(self, name)!r}")
@@ -331,8 +331,14 @@ def save_reference(idata: az.InferenceData, path: str | os.PathLike) -> None:
         if k not in ("chain_wall_time_s",)
     }
     sidecar["file"] = path.name
-    sidecar["num_divergences"] = int(idata.sample_stats["diverging"].sum())
+    sidecar["num_divergences"] = int(_group(idata, "sample_stats")["diverging"].sum())
     path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2, default=_jsonable) + "\n")
+
+
+def _group(idata: az.InferenceData, name: str) -> Any:
+    """The group ``name`` of ``idata`` (an :class:`xarray.Dataset` that arviz sets as an
+    attribute at run time, which its annotations do not declare)."""
+    return getattr(idata, name)
 
 
 def _jsonable(value: Any) -> Any:
@@ -343,7 +349,7 @@ def _load(path: Path, settings: NUTSSettings) -> az.InferenceData:
     """Read a reference eagerly (no file left open) and check it matches ``settings``."""
     with az.rc_context(rc={"data.load": "eager"}):
         idata = az.from_netcdf(str(path))
-    posterior = idata.posterior
+    posterior = _group(idata, "posterior")
     expected = {"chain": settings.num_chains, "draw": settings.num_samples}
     if idata.attrs.get("key") != settings.key() or any(
         posterior.sizes.get(dim) != size for dim, size in expected.items()
@@ -399,7 +405,7 @@ def load_reference(
     :param bool progress: progress bar if NUTS runs.
     """
     settings = NUTSSettings() if settings is None else settings
-    overrides = {"parameterization": parameterization, "seed": seed}
+    overrides: dict[str, Any] = {"parameterization": parameterization, "seed": seed}
     settings = dataclasses.replace(
         settings,
         **{k: v for k, v in overrides.items() if v is not None},
@@ -436,7 +442,7 @@ def diagnostics(idata: az.InferenceData, warn: bool = True) -> pd.DataFrame:
     """
     table = az.summary(idata, var_names=list(VAR_NAMES), round_to="none")
     table = table[["mean", "sd", "mcse_mean", "mcse_sd", "ess_bulk", "ess_tail", "r_hat"]]
-    divergences = int(idata.sample_stats["diverging"].sum())
+    divergences = int(_group(idata, "sample_stats")["diverging"].sum())
     table.attrs["divergences"] = divergences
     worst = table["r_hat"].max()
     if warn and (not worst <= R_HAT_MAX or divergences > 0):
@@ -454,6 +460,6 @@ def reference_draws(idata: az.InferenceData) -> np.ndarray:
     :data:`~pyro_fdiv.models.eight_schools.UNCONSTRAINED_NAMES`, as a float64 array of shape
     ``(chain, draw, 10)``. Flatten with ``.reshape(-1, 10)``.
     """
-    posterior = idata.posterior
+    posterior = _group(idata, "posterior")
     samples = {k: posterior[k].values.astype(np.float64) for k in ("mu", "tau", "theta_tilde")}
     return eight_schools.to_unconstrained(samples).numpy()

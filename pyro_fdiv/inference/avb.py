@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -229,6 +229,10 @@ class AVB(Compilable, ELBO):
     Variational Autoencoders and Generative Adversarial Networks*. ICML 2017.
     """
 
+    #: Pyro's :class:`~pyro.infer.elbo.ELBO` attribute: ``float("inf")`` until the first call
+    #: guesses it, an int from then on.
+    max_plate_nesting: float
+
     def __init__(
         self,
         discriminator: nn.Module | None = None,
@@ -313,8 +317,9 @@ class AVB(Compilable, ELBO):
     ) -> tuple[torch.Tensor, torch.Tensor | float]:
         """The latent sites' unconstrained values as features and, given the ``weights`` of
         the draw, the log-Jacobian of their bijections reduced like its terms."""
-        k, mpn = self.num_particles, self.max_plate_nesting
-        features, log_jac = [], 0.0
+        k, mpn = self.num_particles, cast(int, self.max_plate_nesting)  # guessed by _prepare
+        features: list[torch.Tensor] = []
+        log_jac: torch.Tensor | float = 0.0
         for name, site in sample_sites(trace).items():
             if site["is_observed"]:
                 continue
@@ -345,7 +350,7 @@ class AVB(Compilable, ELBO):
 
     def _draw(self, model, guide, args, kwargs) -> _Draw:
         """Run the guide with ``K`` vectorized particles and replay the model against it."""
-        k, mpn = self.num_particles, self.max_plate_nesting
+        k, mpn = self.num_particles, cast(int, self.max_plate_nesting)  # guessed by _prepare
         weights = importance_trace(
             model, guide, args, kwargs, num_particles=k, max_plate_nesting=mpn, guide_density=False
         )
@@ -353,7 +358,8 @@ class AVB(Compilable, ELBO):
             _refuse_point_masses(weights.guide_trace, mpn)
             self._spread_checked = True
         model_sites = sample_sites(weights.model_trace)
-        log_lik, x_features = 0.0, []
+        log_lik: torch.Tensor | float = 0.0
+        x_features: list[torch.Tensor] = []
         for name, term in weights.model_terms.items():
             site = model_sites[name]
             if site["is_observed"]:
@@ -381,7 +387,7 @@ class AVB(Compilable, ELBO):
                 args,
                 kwargs,
                 num_particles=self.num_particles,
-                max_plate_nesting=self.max_plate_nesting,
+                max_plate_nesting=cast(int, self.max_plate_nesting),  # guessed by _prepare
                 model_handler=poutine.replay(trace=subsample),
             )
         z, _ = self._latent_features(prior.model_trace, draw.weights.plates)
@@ -419,6 +425,7 @@ class AVB(Compilable, ELBO):
 
     def _logits(self, z: torch.Tensor, x: torch.Tensor | None, detach: bool) -> torch.Tensor:
         disc = self.discriminator
+        assert disc is not None  # built by _prepare
         if not detach:
             return disc(z, x)
         params = {name: p.detach() for name, p in disc.named_parameters()}
@@ -469,9 +476,11 @@ class AVB(Compilable, ELBO):
                 f"AVB discriminator loss is {value}: its logits are not finite. Lower the "
                 "adversary learning rate (adversary_optim) or check the latent values."
             )
-        self.adversary_optim.zero_grad(set_to_none=True)
+        optim = self.adversary_optim
+        assert optim is not None  # built with the discriminator, by _prepare
+        optim.zero_grad(set_to_none=True)
         loss.backward()
-        self.adversary_optim.step()
+        optim.step()
         self.adversary_loss = value
         self.num_adversary_updates += 1
         return value
@@ -502,7 +511,7 @@ class AVB(Compilable, ELBO):
         )
 
     @torch.no_grad()
-    def loss(self, model, guide, *args, **kwargs) -> float:
+    def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """
         :returns: the negated ELBO estimate, summed over the batch and scaled by the subsample
             scale. Takes no adversary step and changes no state.
@@ -511,7 +520,9 @@ class AVB(Compilable, ELBO):
         draw = self._prepare(model, guide, args, kwargs)
         return self._checked(-self._elbo(draw).mean(0).sum() * draw.weights.scale, draw)
 
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+    def differentiable_loss(
+        self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         """
         :returns: a scalar tensor equal to :meth:`loss` whose gradient is AVB's estimator for
             the model's and guide's parameters (none reaches the discriminator). Takes no
@@ -525,7 +536,7 @@ class AVB(Compilable, ELBO):
             self._checked(loss.detach(), draw)
         return loss
 
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+    def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """
         Back-propagate the model's and guide's loss into their parameters, then take
         ``num_adversary_steps`` discriminator steps (the first on the same guide draw).
@@ -547,8 +558,12 @@ class AVB(Compilable, ELBO):
         program's latent (and observed) features."""
         draw, self._elbo_draw = self._elbo_draw, None
         if draw is None:
-            z, *x = self._compiled.aux
-            draw = _Draw(None, None, None, None, z, x[0] if x else None)
+            compiled = self._compiled
+            assert compiled is not None and compiled.aux is not None  # a compiled step ran
+            z, *x = compiled.aux
+            # the program returns only the features the adversary reads
+            missing: Any = None
+            draw = _Draw(missing, missing, missing, missing, z, x[0] if x else None)
         return draw
 
     # the compiled path's protocol (pyro_fdiv.inference.compiled.Compilable): the ELBO step
@@ -596,7 +611,7 @@ class AVB(Compilable, ELBO):
             "the compiled program's arithmetic overflowed. Run with compile=False, or in float64."
         )
 
-    def adversary_step(self, model, guide, *args, **kwargs) -> float:
+    def adversary_step(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """
         One discriminator update on a fresh guide draw (and fresh prior or
         :math:`\\mathcal{N}(0, I)` samples), leaving the model's and guide's parameters and
@@ -609,7 +624,9 @@ class AVB(Compilable, ELBO):
         return self._adversary_update(model, draw, args, kwargs)
 
     @torch.no_grad()
-    def discriminator_loss(self, model, guide, *args, **kwargs) -> float:
+    def discriminator_loss(
+        self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
+    ) -> float:
         r"""
         The discriminator's logistic loss
         :math:`-\mathbb{E}_q\log\sigma(T) - \mathbb{E}_{p}\log(1 - \sigma(T))` on a fresh draw,
@@ -635,6 +652,7 @@ class AVB(Compilable, ELBO):
                     "adversary_loss": self.adversary_loss,
                 }
             )
+        assert self.adversary_optim is not None  # built with the discriminator
         return {
             "discriminator": self.discriminator.state_dict(),
             "adversary_optim": self.adversary_optim.state_dict(),
@@ -655,6 +673,7 @@ class AVB(Compilable, ELBO):
         if self.discriminator is None:
             self._pending_state = dict(state)
             return
+        assert self.adversary_optim is not None  # built with the discriminator
         self.discriminator.load_state_dict(state["discriminator"])
         self.adversary_optim.load_state_dict(state["adversary_optim"])
 
@@ -663,7 +682,9 @@ class AVB(Compilable, ELBO):
         """The discriminator's parameters (``[]`` before it is built, on first use)."""
         return [] if self.discriminator is None else list(self.discriminator.parameters())
 
-    def step_inner(self, model, guide, *args, **kwargs) -> float | None:
+    def step_inner(
+        self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
+    ) -> float | None:
         """``num_adversary_steps`` :meth:`adversary_step` updates, each on a fresh draw; the
         last one's loss (``None`` for none)."""
         value = None
@@ -671,10 +692,11 @@ class AVB(Compilable, ELBO):
             value = self.adversary_step(model, guide, *args, **kwargs)
         return value
 
-    def to(self, *args, **kwargs) -> AVB:
+    def to(self, *args: Any, **kwargs: Any) -> AVB:
         """Move the discriminator and its optimizer's state (one not built yet is built where
         the guide's samples are)."""
         if self.discriminator is not None:
+            assert self.adversary_optim is not None  # built with the discriminator
             self.discriminator.to(*args, **kwargs)
             self.adversary_optim.load_state_dict(self.adversary_optim.state_dict())
         return self

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Any
 
 import torch
 
@@ -112,7 +113,7 @@ class BlackBoxAlpha(ImportanceObjective):
     """
 
     def __init__(
-        self, alpha: float, num_particles: int = 1, *, check_finite: bool = True, **elbo_kwargs
+        self, alpha: float, num_particles: int = 1, *, check_finite: bool = True, **elbo_kwargs: Any
     ):
         if (
             isinstance(alpha, bool)
@@ -120,7 +121,7 @@ class BlackBoxAlpha(ImportanceObjective):
             or not math.isfinite(alpha)
         ):
             raise ValueError(f"Expected alpha to be a finite real number, actual {alpha!r}")
-        self.alpha = float(alpha)
+        self.alpha: float = float(alpha)
         super().__init__(num_particles=num_particles, check_finite=check_finite, **elbo_kwargs)
 
     GLOBAL_ESTIMATORS = ("energy", "nested", "error")
@@ -137,11 +138,13 @@ class BlackBoxAlpha(ImportanceObjective):
         if self.global_latents != "energy" or not dims:
             # no data plate inside the subsampled plates (they cross): the nested bound
             return super()._global_total(weights, differentiable)
+        global_log_w = weights.global_log_w
+        assert global_log_w is not None  # _total calls this only then
         # per element of the shared plates: (K, *shared, 1 + local points): log p/q of the
         # global draw, then each local point's log weight
         local = weights.log_w.movedim(dims, tuple(range(-len(dims), 0)))
-        local = local.reshape(*weights.global_log_w.shape, -1)
-        joint = torch.cat([weights.global_log_w.unsqueeze(-1), local], -1)
+        local = local.reshape(*global_log_w.shape, -1)
+        joint = torch.cat([global_log_w.unsqueeze(-1), local], -1)
 
         def energy(x: torch.Tensor, dim: int) -> torch.Tensor:
             per_point = renyi_log_mean_exp(x[..., 1:], self.alpha, dim).sum(-1)

@@ -122,6 +122,15 @@ class ChainStore(nn.Module):
     :param dict settings: what a loaded state must match (e.g. ``num_data``).
     """
 
+    # buffers (declared for the type checker; registered in __init__, ``initialized`` only
+    # with local chains)
+    initialized: torch.Tensor
+    global_initialized: torch.Tensor
+    num_steps: torch.Tensor
+    _acceptance: torch.Tensor
+    _acceptance_norm: torch.Tensor
+    _last_acceptance: torch.Tensor
+
     def __init__(self, num_data: int | None, settings: dict[str, Any]) -> None:
         super().__init__()
         self._settings = dict(settings)
@@ -146,8 +155,8 @@ class ChainStore(nn.Module):
     ) -> SiteSpec:
         """The cache spec of a latent site's vectorized ``value``; ``ValueError`` if it differs
         from the chains'."""
-        shape = from_slots(value, layout, torch.zeros((), dtype=torch.long), max_plate_nesting)
-        shape = tuple(shape.shape[1:] if layout.kind == LOCAL else shape.shape)
+        slot = from_slots(value, layout, torch.zeros((), dtype=torch.long), max_plate_nesting)
+        shape = tuple(slot.shape[1:] if layout.kind == LOCAL else slot.shape)
         spec = SiteSpec(layout.kind, shape, value.dtype)
         if self._specs and self._specs.get(name) != spec:
             raise ValueError(
@@ -200,6 +209,7 @@ class ChainStore(nn.Module):
                 self._buffer_names[name] = buf_name
             buf = getattr(self, self._buffer_names[name])
             if spec.kind == LOCAL:
+                assert update.indices is not None  # local chains: a data plate was entered
                 buf[update.indices.to(buf.device)] = value.to(buf)
             else:
                 buf.copy_(value)
@@ -346,7 +356,9 @@ class ChainStore(nn.Module):
         """The specs' dtypes follow the buffers' (after a cast or a load)."""
         for name, buf_name in self._buffer_names.items():
             if name in self._specs and buf_name in self._buffers:
-                dtype = self._buffers[buf_name].dtype
+                buf = self._buffers[buf_name]
+                assert buf is not None  # cache buffers are tensors
+                dtype = buf.dtype
                 self._specs[name] = self._specs[name]._replace(dtype=dtype)
 
 
@@ -420,6 +432,7 @@ class ChainView:
                 return None, False
             buf = getattr(store, store._buffer_names[name])
             if spec.kind == LOCAL:
+                assert self.indices is not None  # a local site: the data plate was entered
                 indices = self.indices.to(buf.device)
                 self.values[name] = buf[indices]
                 init = store.initialized[indices]

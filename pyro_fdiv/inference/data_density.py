@@ -87,7 +87,9 @@ class EmpiricalData(DataDensity):
     :param SpreadSchedule schedule: the spread width.
     """
 
-    def __init__(self, points: torch.Tensor, schedule: SpreadSchedule | None):
+    points: torch.Tensor  # a buffer, registered in __init__
+
+    def __init__(self, points: torch.Tensor, schedule: SpreadSchedule | None) -> None:
         if points.dim() < 1 or points.shape[0] < 1:
             raise ValueError(
                 f"Expected data to be a training set of shape (N, ...) with N >= 1, actual "
@@ -116,14 +118,19 @@ class EmpiricalData(DataDensity):
         self.projection = PCAProjection(self.points, dim)
 
     def sample_like(self, batch: torch.Tensor) -> torch.Tensor:
-        return batch + self.sigma * torch.randn_like(batch)
+        sigma = self.sigma
+        assert sigma is not None  # a training set has a schedule (checked in __init__)
+        return batch + sigma * torch.randn_like(batch)
 
     def log_prob(self, y: torch.Tensor) -> torch.Tensor:
+        sigma = self.sigma
+        assert sigma is not None  # a training set has a schedule (checked in __init__)
         if self.projection is not None:
+            assert self.num_pca_samples is not None  # use_pca sets both
             return pca_spread_log_density(
-                y, self.points, self.sigma, self.projection, self.num_pca_samples
+                y, self.points, sigma, self.projection, self.num_pca_samples
             )
-        return spread_log_density(y, self.points, self.sigma)
+        return spread_log_density(y, self.points, sigma)
 
     def check_rows(self, event_shape: torch.Size, site: str) -> None:
         if self.points.shape[1:] != event_shape:

@@ -164,7 +164,9 @@ def _ordinal(trace: Trace, site: dict) -> frozenset[str]:
 def _log_factors(trace: Trace, sites: dict[str, dict]) -> tuple[OrderedDict, set[str], list]:
     """Packed masked ``log p`` of ``sites`` by ordinal (plate symbols), the enumeration
     symbols and the sites' scales (applied outside the sum, as in ``TraceEnum_ELBO``)."""
-    factors, sum_dims, scales = OrderedDict(), set(), []
+    factors: OrderedDict[frozenset[str], list[torch.Tensor]] = OrderedDict()
+    sum_dims: set[str] = set()
+    scales: list = []
     for site in sites.values():
         log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
         log_p = packed.pack(

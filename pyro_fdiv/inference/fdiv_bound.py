@@ -3,7 +3,8 @@ r"""The f-divergence joint upper bound with spread noise (Zhang, Bird, Habib, Xu
 from __future__ import annotations
 
 import copy
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, cast
 
 import pyro
 import torch
@@ -232,6 +233,10 @@ class FDivergenceBound(Compilable, InnerTraining, ELBO):
 
     [3] J. Domke, D. Sheldon. *Importance weighting and variational inference*. NeurIPS 2018.
     """
+
+    #: Pyro's :class:`~pyro.infer.elbo.ELBO` attribute: ``float("inf")`` until the first call
+    #: guesses it, an int from then on.
+    max_plate_nesting: float
 
     def __init__(
         self,
@@ -496,13 +501,16 @@ class FDivergenceBound(Compilable, InnerTraining, ELBO):
         )
         self._setup(model, guide, args, kwargs)
         pairs, y = self._traces(model, guide, args, kwargs, sample_from)
-        weights, log_w = None, []
+        mpn = cast(int, self.max_plate_nesting)  # guessed by _setup
+        weights: LogWeights | None = None
+        rows: list[torch.Tensor] = []
         for model_trace, guide_trace in pairs.values():
-            pair_weights = log_weights_from_traces(model_trace, guide_trace, self.max_plate_nesting)
+            pair_weights = log_weights_from_traces(model_trace, guide_trace, mpn)
             weights = weights or pair_weights
-            log_w.append(self._row_log_weights(pair_weights, model_trace, guide_trace, y))
+            rows.append(self._row_log_weights(pair_weights, model_trace, guide_trace, y))
+        assert weights is not None  # num_importance_samples >= 1 pairs
         # K latents per y: the importance estimate log w_K(y) of log p_theta(y)
-        log_w = log_mean_exp(torch.cat(log_w).reshape(self.num_importance_samples, len(y)))
+        log_w = log_mean_exp(torch.cat(rows).reshape(self.num_importance_samples, len(y)))
         log_p_hat = self.log_data_density(y)
         traces = {
             f"{kind}{suffix}": trace
@@ -561,13 +569,15 @@ class FDivergenceBound(Compilable, InnerTraining, ELBO):
         pairs, _ = self._traces(model, guide, args, kwargs, self.sample_from)
         return pairs[""]
 
-    def loss(self, model, guide, *args, **kwargs) -> float:
+    def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """:returns: an estimate of the bound :math:`U(\\theta, \\phi)`; changes no state."""
         with torch.no_grad():
             bound, draw = self._bound(model, guide, args, kwargs)
             return self._checked(bound, draw)
 
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+    def differentiable_loss(
+        self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         """
         :returns: the bound estimate as a differentiable scalar (gradient to all params).
         :raises ValueError: naming the sites (and the data density) if the bound is not finite
@@ -663,7 +673,9 @@ class FDivergenceBound(Compilable, InnerTraining, ELBO):
         step, and with ``guide_steps=0``: then SVI's optimizer steps the guide)."""
         return list(self.guide_optim.optim_objs)
 
-    def step_inner(self, model, guide, *args, **kwargs) -> float | None:
+    def step_inner(
+        self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
+    ) -> float | None:
         """
         The ``guide_steps`` guide updates of one :meth:`loss_and_grads` alone (each on a fresh
         draw, minimizing ``guide_f``'s bound); the model's parameters are left alone.
@@ -677,7 +689,7 @@ class FDivergenceBound(Compilable, InnerTraining, ELBO):
             value = self._guide_step(model, guide, args, kwargs)
         return value
 
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+    def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """
         Take ``guide_steps`` guide updates (:meth:`step_inner`), then back-propagate the bound
         (into the model's parameters, or all parameters when ``guide_steps=0``) and advance the

@@ -3,7 +3,8 @@ r"""The Fenchel-conjugate (f-GAN) lower bound of Nowozin, Cseke and Tomioka."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from pyro import poutine
@@ -95,7 +96,9 @@ class FGANBound(Compilable, InnerTraining, ELBO):
         f: str | Divergence = "js",
         critic: nn.Module | None = None,
         data: Distribution | None = None,
-        critic_optim: torch.optim.Optimizer | Callable | None = None,
+        critic_optim: torch.optim.Optimizer
+        | Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
+        | None = None,
         critic_steps: int = 1,
         num_particles: int = 1,
         data_arg: int | str = 0,
@@ -123,11 +126,11 @@ class FGANBound(Compilable, InnerTraining, ELBO):
             critic_optim = torch.optim.Adam(critic.parameters(), lr=1e-3)
         elif not isinstance(critic_optim, torch.optim.Optimizer):
             critic_optim = critic_optim(critic.parameters())
-        self.critic_optim = critic_optim
+        self.critic_optim: torch.optim.Optimizer = critic_optim
         self.critic_steps = check_integer("critic_steps", critic_steps, 1)
         self.data_arg = DataArgument(data_arg)
         self.obs_site = obs_site
-        self._obs_name = None
+        self._obs_name: str | None = None
 
     def _check_guide(self, guide, args, kwargs) -> None:
         """Raise if ``guide`` has sample sites or parameters: they would silently get nothing.
@@ -203,14 +206,16 @@ class FGANBound(Compilable, InnerTraining, ELBO):
         """Pyro's ``ELBO`` interface: the model's trace with the observation resampled."""
         raise NotImplementedError("FGANBound has no guide trace; call loss or loss_and_grads")
 
-    def loss(self, model, guide, *args, **kwargs) -> float:
+    def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """:returns: the lower-bound estimate (the model minimizes it); changes no state."""
         self._check_guide(guide, args, kwargs)
         with torch.no_grad():
             x_data, x_model, trace = self._samples(model, args, kwargs)
             return self._checked(self.bound(x_data, x_model), trace)
 
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+    def differentiable_loss(
+        self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         """
         :returns: the lower-bound estimate, differentiable in the model's (and critic's)
             parameters.
@@ -224,7 +229,7 @@ class FGANBound(Compilable, InnerTraining, ELBO):
         return bound
 
     @torch.no_grad()
-    def critic_loss(self, model, guide, *args, **kwargs) -> float:
+    def critic_loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """The critic's loss, the negated bound, for monitoring; changes no state."""
         return -self.loss(model, guide, *args, **kwargs)
 
@@ -239,7 +244,7 @@ class FGANBound(Compilable, InnerTraining, ELBO):
         """The critic's parameters, which ``critic_optim`` updates."""
         return list(self.critic.parameters())
 
-    def step_inner(self, model, guide, *args, **kwargs) -> float:
+    def step_inner(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """
         The ``critic_steps`` critic updates of one :meth:`loss_and_grads` alone, each on fresh
         data and model samples; the model's parameters are left alone.
@@ -259,7 +264,7 @@ class FGANBound(Compilable, InnerTraining, ELBO):
             self.critic_optim.zero_grad()
         return critic_loss.item()
 
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+    def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """``critic_steps`` critic updates (:meth:`step_inner`), then the bound's gradient into
         the model only.
 

@@ -145,7 +145,7 @@ class ObservationMessenger(Messenger):
 
 def trace_params(trace: Trace) -> list[torch.Tensor]:
     """The unconstrained leaf tensors of the ``pyro.param`` sites in ``trace``."""
-    params = []
+    params: list[torch.Tensor] = []
     for site in trace.nodes.values():
         if site["type"] == "param":
             value = site["value"]
@@ -182,7 +182,7 @@ def repeat_batch(x: torch.Tensor, num_particles: int) -> torch.Tensor:
     return x.expand(num_particles, *x.shape).reshape(num_particles * x.shape[0], *x.shape[1:])
 
 
-def traced_once(fn: Callable, *args, **kwargs) -> Trace:
+def traced_once(fn: Callable, *args: Any, **kwargs: Any) -> Trace:
     """One trace of ``fn`` that leaves the caller's random stream untouched."""
     with rng_preserved(), pyro.validation_enabled(False):
         return poutine.trace(fn).get_trace(*args, **kwargs)

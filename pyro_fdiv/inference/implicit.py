@@ -6,7 +6,7 @@ import math
 import numbers
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pyro
 import pyro.distributions as dist
@@ -43,6 +43,9 @@ class Implicit(TorchDistribution):
 
     arg_constraints: ClassVar[dict] = {}
     has_rsample = True
+    v: torch.Tensor
+    site_name: str | None
+    _base_support: constraints.Constraint
 
     def __init__(
         self,
@@ -51,7 +54,7 @@ class Implicit(TorchDistribution):
         support: constraints.Constraint = constraints.real,
         name: str | None = None,
         validate_args: bool | None = None,
-    ):
+    ) -> None:
         if (
             isinstance(event_dim, bool)
             or not isinstance(event_dim, numbers.Integral)
@@ -76,7 +79,7 @@ class Implicit(TorchDistribution):
         extra = self.event_dim - self._base_support.event_dim
         return constraints.independent(self._base_support, extra) if extra else self._base_support
 
-    def expand(self, batch_shape, _instance=None) -> Implicit:
+    def expand(self, batch_shape: Sequence[int], _instance: Implicit | None = None) -> Implicit:
         new = self._get_checked_instance(Implicit, _instance)
         batch_shape = torch.Size(batch_shape)
         new.v = self.v.expand(batch_shape + self.event_shape)
@@ -147,7 +150,8 @@ def _check_sizes(name: str, value: object, allow_empty: bool = False) -> tuple[i
         not isinstance(sizes, Sequence)
         or (not sizes and not allow_empty)
         or not all(
-            isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1 for s in sizes
+            isinstance(s, numbers.Integral) and not isinstance(s, bool) and int(s) >= 1
+            for s in sizes
         )
     ):
         raise ValueError(f"Expected {name} to be a sequence of positive integers, actual {value!r}")
@@ -254,6 +258,10 @@ class AutoImplicit(AutoGuide):
     :param callable create_plates: as for :class:`~pyro.infer.autoguide.AutoGuide`.
     """
 
+    hidden: tuple[int, ...]
+    noise_dim: int | None  # an int once the prototype is set up
+    init_scale: float
+
     def __init__(
         self,
         model: Callable,
@@ -263,7 +271,7 @@ class AutoImplicit(AutoGuide):
         init_loc_fn: Callable = init_to_median,
         init_scale: float = 0.1,
         create_plates: Callable | None = None,
-    ):
+    ) -> None:
         self.hidden = _check_sizes("hidden", hidden, allow_empty=True)
         if noise_dim is not None:
             (noise_dim,) = _check_sizes("noise_dim", noise_dim)
@@ -329,10 +337,11 @@ class AutoImplicit(AutoGuide):
             yield site, latent[..., pos : pos + size].reshape(shape)
             pos += size
 
-    def sample_latent(self, *args, **kwargs) -> torch.Tensor:
+    def sample_latent(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The packed unconstrained sample :math:`\\zeta = g_\\phi(\\epsilon)`, with the noise
         drawn at the auxiliary site ``_AutoImplicit_noise``."""
         loc = self.sampler.loc
+        assert self.noise_dim is not None  # set with the sampler by _setup_prototype
         eps = pyro.sample(
             f"_{self._pyro_name}_noise",
             dist.Normal(loc.new_zeros(self.noise_dim), 1.0).to_event(1),
@@ -340,7 +349,7 @@ class AutoImplicit(AutoGuide):
         )
         return self.sampler(eps)
 
-    def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+    def forward(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         """Sample every latent site (implicitly); returns ``{name: value}``."""
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
@@ -357,7 +366,9 @@ class AutoImplicit(AutoGuide):
         return result
 
     @torch.no_grad()
-    def sample_posterior(self, num_samples: int = 1, *args, **kwargs) -> dict[str, torch.Tensor]:
+    def sample_posterior(
+        self, num_samples: int = 1, *args: Any, **kwargs: Any
+    ) -> dict[str, torch.Tensor]:
         """
         ``num_samples`` independent draws of every latent site, in constrained space, each of
         shape ``(num_samples,) + site_shape``. ``*args, **kwargs`` (the model's) are only needed
@@ -366,6 +377,7 @@ class AutoImplicit(AutoGuide):
         (num_samples,) = _check_sizes("num_samples", num_samples)
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
+        assert self.noise_dim is not None  # set by _setup_prototype
         eps = torch.randn(
             num_samples,
             self.noise_dim,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, NoReturn
 
 import pyro
@@ -239,7 +239,7 @@ def is_subsampled(frame: CondIndepStackFrame) -> bool:
     return frame.full_size is not None and frame.full_size > frame.size
 
 
-def subsample_scale(frames) -> float:
+def subsample_scale(frames: Iterable[CondIndepStackFrame]) -> float:
     r""":math:`\prod N/B` over the subsampled ``frames``."""
     scale = 1.0
     for frame in frames:
@@ -753,7 +753,8 @@ def _detached_guide_log_prob(
     glob = {n: s for n, s in sites.items() if f"guide site '{n}'" in weights.global_sites}
     local = {n: s for n, s in sites.items() if n not in glob}
     mpn = weights.max_plate_nesting
-    total, global_total = 0.0, 0.0
+    total: torch.Tensor | float = 0.0
+    global_total: torch.Tensor | float = 0.0
     plate = weights.particle_plate
     for term in _site_terms(local, weights.plates, mpn, "guide", plate).values():
         total = total + term

@@ -11,6 +11,7 @@ from torch import nn
 __all__ = ["InnerTraining", "InnerTrainingProtocol", "inner_parameters", "move", "step_inner"]
 
 T = TypeVar("T")
+_InnerT = TypeVar("_InnerT", bound="InnerTraining")
 
 
 @runtime_checkable
@@ -21,9 +22,11 @@ class InnerTrainingProtocol(Protocol):
 
     def inner_parameters(self) -> list[torch.Tensor]: ...
 
-    def step_inner(self, model: Callable, guide: Callable, *args, **kwargs) -> float | None: ...
+    def step_inner(
+        self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
+    ) -> float | None: ...
 
-    def to(self, *args, **kwargs) -> Any: ...
+    def to(self, *args: Any, **kwargs: Any) -> Any: ...
 
     def state_dict(self) -> dict: ...
 
@@ -79,11 +82,13 @@ class InnerTraining:
         """The tensors the objective's own optimizer updates (none by default)."""
         return []
 
-    def step_inner(self, model: Callable, guide: Callable, *args, **kwargs) -> float | None:
+    def step_inner(
+        self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
+    ) -> float | None:
         """The inner updates of one training step alone (none by default)."""
         return None
 
-    def to(self: T, *args, **kwargs) -> T:
+    def to(self: _InnerT, *args: Any, **kwargs: Any) -> _InnerT:
         """Move the objective's modules and buffers like :meth:`torch.nn.Module.to`, and its
         optimizers' state to their parameters' device and dtype."""
         for module in self._inner_modules():
@@ -93,11 +98,11 @@ class InnerTraining:
             optim.load_state_dict(optim.state_dict())
         return self
 
-    def double(self: T) -> T:
+    def double(self: _InnerT) -> _InnerT:
         """``to(torch.float64)``."""
         return self.to(torch.float64)
 
-    def float(self: T) -> T:
+    def float(self: _InnerT) -> _InnerT:
         """``to(torch.float32)``."""
         return self.to(torch.float32)
 
@@ -108,14 +113,16 @@ def inner_parameters(objective: Any) -> list[torch.Tensor]:
     return [] if method is None else list(method())
 
 
-def step_inner(objective: Any, model: Callable, guide: Callable, *args, **kwargs) -> float | None:
+def step_inner(
+    objective: Any, model: Callable, guide: Callable, *args: Any, **kwargs: Any
+) -> float | None:
     """``objective.step_inner(model, guide, *args, **kwargs)``, or ``None`` for an objective
     without parts of its own."""
     method = getattr(objective, "step_inner", None)
     return None if method is None else method(model, guide, *args, **kwargs)
 
 
-def move(objective: T, *args, **kwargs) -> T:
+def move(objective: T, *args: Any, **kwargs: Any) -> T:
     """``objective.to(*args, **kwargs)`` for an objective with tensors of its own; one without
     has nothing to move. Returns ``objective``."""
     method = getattr(objective, "to", None)

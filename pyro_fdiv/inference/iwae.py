@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from pyro.distributions import Delta
@@ -97,7 +98,7 @@ class IWAE(ImportanceObjective):
         gradient_estimator: str = "reparam",
         *,
         check_finite: bool = True,
-        **elbo_kwargs,
+        **elbo_kwargs: Any,
     ):
         if gradient_estimator not in GRADIENT_ESTIMATORS:
             raise ValueError(

@@ -3,6 +3,9 @@ Metropolis independence chains that use the guide as their proposal."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypedDict, cast
+
 import pyro
 import torch
 from pyro import poutine
@@ -21,6 +24,7 @@ from pyro_fdiv.inference.chains import (
     ChainUpdate,
     ChainView,
     Layout,
+    SiteSpec,
     from_slots,
     is_delta,
     site_layout,
@@ -38,6 +42,13 @@ from pyro_fdiv.inference.importance import (
 from pyro_fdiv.util import check_integer, check_num_particles, rng_preserved
 
 __all__ = ["JSA"]
+
+
+class _Prototype(TypedDict):
+    """What :meth:`JSA._discover` derives from the model and guide."""
+
+    frame: CondIndepStackFrame | None  # the data plate (None: global chains only)
+    blocks: tuple[str, ...]  # the blocks of chains the guide has, from BLOCKS
 
 
 def _in_plate(site: dict, name: str) -> bool:
@@ -195,6 +206,11 @@ class JSA(ELBO, ChainStore):
     modeling*. arXiv:1808.01630, section 3.2.3.
     """
 
+    # Pyro's ELBO attributes, declared for the type checker (nn.Module's __getattr__ would
+    # type them as Tensor | Module); max_plate_nesting is float("inf") until guessed
+    num_particles: int
+    max_plate_nesting: float
+
     def __init__(
         self,
         num_data: int | None = None,
@@ -240,13 +256,13 @@ class JSA(ELBO, ChainStore):
         self.validation = validation
         self.check_finite = check_finite
         self._given_max_plate_nesting = max_plate_nesting
-        self._prototype: dict | None = None  # data plate frame and blocks (derived)
+        self._prototype: _Prototype | None = None  # data plate frame and blocks (derived)
 
     # ------------------------------------------------------------------------------------------
     # Pyro's ELBO interface
 
     @torch.no_grad()
-    def loss(self, model, guide, *args, **kwargs) -> float:
+    def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """
         :returns: the surrogate loss at the states one step would accept (the chains are not
             changed).
@@ -255,7 +271,9 @@ class JSA(ELBO, ChainStore):
         step = self._step(model, guide, args, kwargs, grad=False)
         return self._checked(step)
 
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+    def differentiable_loss(
+        self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         """
         :returns: a scalar tensor equal to :meth:`loss` whose gradient is the JSA update. The
             chains are not changed; :meth:`commit` writes this step's accepted states.
@@ -268,7 +286,7 @@ class JSA(ELBO, ChainStore):
         self._pending = step
         return step.loss
 
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+    def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """
         Move the chains, back-propagate the surrogate loss at the accepted states into every
         parameter, then write the accepted states to the cache.
@@ -291,7 +309,9 @@ class JSA(ELBO, ChainStore):
         self.write(step)
 
     @torch.no_grad()
-    def advance(self, model, guide, *args, **kwargs) -> dict[str, float]:
+    def advance(
+        self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
+    ) -> dict[str, float]:
         r"""
         One step of the chains with :math:`\theta, \phi` fixed and no gradient: with this the
         chains are a posterior sampler. Returns the step's mean acceptance rate per block.
@@ -327,7 +347,7 @@ class JSA(ELBO, ChainStore):
     # ------------------------------------------------------------------------------------------
     # Structure: data plate, blocks, site layouts
 
-    def _discover(self, model, guide, args, kwargs) -> dict:
+    def _discover(self, model, guide, args, kwargs) -> _Prototype:
         """Run model and guide once (random state restored) to find the plates and blocks."""
         if self.max_plate_nesting == float("inf"):
             self.max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
@@ -338,7 +358,7 @@ class JSA(ELBO, ChainStore):
                 args,
                 kwargs,
                 num_particles=1,
-                max_plate_nesting=self.max_plate_nesting,
+                max_plate_nesting=cast(int, self.max_plate_nesting),  # guessed above
                 keep_plates=(),
                 guide_density=False,
             )
@@ -410,7 +430,9 @@ class JSA(ELBO, ChainStore):
         )
 
     def _layout(self, name: str, site: dict, value: torch.Tensor | None = None) -> Layout:
-        return site_layout(name, site, self._prototype["frame"], self.max_plate_nesting, value)
+        assert self._prototype is not None  # set by _step
+        mpn = cast(int, self.max_plate_nesting)  # guessed by _discover
+        return site_layout(name, site, self._prototype["frame"], mpn, value)
 
     # ------------------------------------------------------------------------------------------
     # One step
@@ -418,7 +440,9 @@ class JSA(ELBO, ChainStore):
     def _run(self, model, guide, args, kwargs, view: ChainView, block: str, slots: int):
         """One vectorized pass: the guide at the chains' states (slot 0) and ``slots - 1``
         proposals, the model replaying it, the data plate kept."""
+        assert self._prototype is not None  # set by _step
         frame = self._prototype["frame"]
+        mpn = cast(int, self.max_plate_nesting)  # guessed by _discover
         try:
             return importance_trace(
                 model,
@@ -426,10 +450,10 @@ class JSA(ELBO, ChainStore):
                 args,
                 kwargs,
                 num_particles=slots,
-                max_plate_nesting=self.max_plate_nesting,
+                max_plate_nesting=mpn,
                 keep_plates=() if frame is None else (frame.name,),
-                guide_handler=ChainMessenger(view, block, self.max_plate_nesting),
-                model_handler=ChainMessenger(view, None, self.max_plate_nesting),
+                guide_handler=ChainMessenger(view, block, mpn),
+                model_handler=ChainMessenger(view, None, mpn),
             )
         except SiteError as error:
             if error.kind != "guide":
@@ -449,12 +473,15 @@ class JSA(ELBO, ChainStore):
             return self._moves(model, guide, args, kwargs, grad)
 
     def _moves(self, model, guide, args, kwargs, grad: bool) -> ChainUpdate:
+        assert self._prototype is not None  # set by _step
         slots = 1 + self.num_particles
         blocks = self._prototype["blocks"]
         warm = int(self.num_steps) < self.warmup_without_cache
         view = ChainView(self, self._prototype["frame"], warm)
-        history, rates = [], {b: [] for b in blocks}
-        specs = loss = None
+        history: list[dict[str, torch.Tensor]] = []
+        rates: dict[str, list[float]] = {b: [] for b in blocks}
+        specs: dict[str, SiteSpec] | None = None
+        loss: torch.Tensor | None = None
         for move in range(self.num_moves):
             for i, block in enumerate(blocks):
                 last = move == self.num_moves - 1 and i == len(blocks) - 1
@@ -463,6 +490,8 @@ class JSA(ELBO, ChainStore):
                     if specs is None:
                         specs = self._check_structure(weights.guide_trace)
                     loss = self._transition(weights, view, block, slots, last, history, rates)
+        # blocks is not empty (_discover), and the last transition returns the loss
+        assert specs is not None and loss is not None
         return ChainUpdate(
             loss,
             view.indices,
@@ -476,11 +505,12 @@ class JSA(ELBO, ChainStore):
     def _check_structure(self, guide_trace: Trace) -> dict:
         """After the first run of a step: the chains' site specs."""
         specs = {}
+        mpn = cast(int, self.max_plate_nesting)  # guessed by _discover
         for name, site in _latent_sites(guide_trace).items():
             if is_delta(site["fn"]) and site["value"].requires_grad:
                 raise ValueError(_delta_message(name))
             layout = self._layout(name, site)
-            specs[name] = self.spec(name, layout, site["value"], self.max_plate_nesting)
+            specs[name] = self.spec(name, layout, site["value"], mpn)
         self.check_sites(specs)
         return specs
 
@@ -544,7 +574,8 @@ class JSA(ELBO, ChainStore):
         rates[block].append(float(info.acceptance_rate.float().mean()))
         # the state after transition k is the last proposal accepted up to k (0: the start)
         visited = torch.where(info.is_accepted, positions, 0).cummax(dim=0).values
-        sites, mpn = _latent_sites(weights.guide_trace), self.max_plate_nesting
+        sites = _latent_sites(weights.guide_trace)
+        mpn = cast(int, self.max_plate_nesting)  # guessed by _discover
         for name, site in sites.items():
             layout = self._layout(name, site)
             if block == LOCAL and layout.kind == GLOBAL:
@@ -575,6 +606,7 @@ class JSA(ELBO, ChainStore):
         local = _add(p_local, q_local)
         glob = _add(p_global, q_global)
         if block == LOCAL:
+            assert local is not None  # the local block has local sites
             value = scale * (mix * local).sum()
             if glob is not None:
                 value = value + glob[0]
@@ -603,7 +635,7 @@ class JSA(ELBO, ChainStore):
         the chains are buffers."""
         return []
 
-    def step_inner(self, model, guide, *args, **kwargs) -> None:
+    def step_inner(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> None:
         """No inner updates: each step's chain moves belong to :meth:`loss_and_grads`."""
         return None
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from pyro import poutine
@@ -33,11 +33,17 @@ Handler = Callable[[Callable], Callable]
 class Weights(Protocol):
     """What a run returns (:class:`~pyro_fdiv.inference.importance.LogWeights`)."""
 
-    log_w: torch.Tensor
-    model_trace: Trace
-    guide_trace: Trace
+    # read-only, as the fields of a NamedTuple
+    @property
+    def log_w(self) -> torch.Tensor: ...
+    @property
+    def model_trace(self) -> Trace: ...
+    @property
+    def guide_trace(self) -> Trace: ...
 
-    def _replace(self, **fields: Any) -> Weights: ...
+
+#: The type a run returns (the caller's :class:`Weights`, kept by :func:`sequential`).
+W = TypeVar("W", bound=Weights)
 
 
 class ParticleShapeError(ValueError):
@@ -77,13 +83,13 @@ def _pinned(handler: Handler | None, pinned: Trace) -> Handler:
 
 
 def sequential(
-    run: Callable[..., Weights],
+    run: Callable[..., W],
     num_particles: int,
     guide_handler: Handler | None,
     model_handler: Handler | None,
     *,
     pin_model: bool = True,
-) -> Weights:
+) -> W:
     """
     The ``K`` particles one after another: ``run(num_particles=1, guide_handler=...,
     model_handler=...)`` ``K`` times, every particle after the first replaying the first one's
@@ -119,7 +125,7 @@ def stack(draws: Sequence[Any]) -> Any:
             "on its random draws, so the particles' weights cannot be stacked per data point."
         )
 
-    def terms(field: str) -> dict[str, torch.Tensor]:
+    def terms(field: str) -> dict[str, torch.Tensor | None]:
         names = [n for n in getattr(first, field) if all(n in getattr(d, field) for d in draws)]
         return {n: _cat([getattr(d, field)[n] for d in draws]) for n in names}
 
@@ -148,8 +154,8 @@ class _LastSite(Messenger):
 
 
 def vectorized_or_sequential(
-    run: Callable[..., Weights], run_sequential: Callable[[], Weights], num_particles: int
-) -> Weights:
+    run: Callable[..., W], run_sequential: Callable[[], W], num_particles: int
+) -> W:
     """``run(num_particles=K)``; if it raises, ``run_sequential()`` from the same random state,
     with one warning naming the site and the reason (its own error, if it fails too)."""
     state = get_rng_state()

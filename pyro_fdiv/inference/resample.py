@@ -10,7 +10,7 @@ are used like a guide's own draws: :class:`~pyro.infer.Predictive`, ArviZ, the k
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from pyro.distributions import Categorical
@@ -63,12 +63,12 @@ class ResampledPosterior(NamedTuple):
 def importance_resample(
     model: Callable,
     guide: Callable,
-    *args,
+    *args: Any,
     num_samples: int,
     num_proposals: int = 64,
     chunk_size: int | None = None,
     max_plate_nesting: int | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> ResampledPosterior:
     r"""
     Draw ``num_samples`` posterior samples by sampling-importance-resampling [1] from a trained

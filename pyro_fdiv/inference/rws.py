@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
+from typing import Any
 
 import pyro
 import torch
@@ -38,7 +40,7 @@ class _DetachSamples(Messenger):
             msg["value"] = msg["fn"](*msg["args"], **msg["kwargs"])
 
 
-def detach_samples(fn):
+def detach_samples(fn: Callable) -> Callable:
     """A Pyro handler: ``fn`` with its latent sample values drawn without gradients (RWS's
     guide: no reparameterization through the samples)."""
     return _DetachSamples()(fn)
@@ -145,7 +147,7 @@ class ReweightedWakeSleep(ImportanceObjective):
         insomnia: float = 1.0,
         model_has_params: bool = True,
         num_sleep_particles: int | None = None,
-        **elbo_kwargs,
+        **elbo_kwargs: Any,
     ):
         num_particles = check_integer("num_particles", num_particles, 1)
         if num_particles < 2:
@@ -233,7 +235,7 @@ class ReweightedWakeSleep(ImportanceObjective):
         num = self.num_sleep_particles
         dim = -int(self.max_plate_nesting) - 1
 
-        def plated(fn):
+        def plated(fn: Callable) -> Callable:
             return fn if num == 1 else pyro.plate(PARTICLE_PLATE, num, dim=dim)(fn)
 
         model_trace = poutine.trace(plated(poutine.uncondition(model))).get_trace(*args, **kwargs)
@@ -274,7 +276,9 @@ class ReweightedWakeSleep(ImportanceObjective):
             loss = loss - (1.0 - self.insomnia) * (sleep - sleep.detach())
         return loss, weights
 
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+    def differentiable_loss(
+        self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         """
         :returns: a scalar tensor equal to :meth:`loss` (the negated IWAE bound) whose
             gradient is the negated wake-θ, wake-φ and sleep-φ updates.

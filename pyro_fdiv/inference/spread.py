@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Any
 
 import torch
 from torch import nn
@@ -107,14 +108,14 @@ class _SpreadLogDensity(torch.autograd.Function):
         return log_p, mean
 
     @staticmethod
-    def setup_context(ctx, inputs: tuple, output: tuple) -> None:
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         y, _, sigma = inputs
         ctx.save_for_backward(y, output[1])
         ctx.sigma = sigma
         ctx.mark_non_differentiable(output[1])
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor, _grad_mean: torch.Tensor) -> tuple:
+    def backward(ctx: Any, grad: torch.Tensor, _grad_mean: torch.Tensor) -> tuple:
         y, mean = ctx.saved_tensors
         return grad[:, None] * (mean - y) / ctx.sigma**2, None, None
 
@@ -165,7 +166,12 @@ class PCAProjection(nn.Module):
     :param int dim: :math:`k`, clipped to ``min(N, D)``.
     """
 
-    def __init__(self, data: torch.Tensor, dim: int = 50):
+    # buffers (declared for the type checker; registered in __init__)
+    mean: torch.Tensor
+    basis: torch.Tensor
+    projected: torch.Tensor
+
+    def __init__(self, data: torch.Tensor, dim: int = 50) -> None:
         super().__init__()
         dim = check_integer("pca_dim", dim, 1)
         flat = data.reshape(data.shape[0], -1)

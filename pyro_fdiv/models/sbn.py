@@ -151,11 +151,12 @@ class SBN(nn.Module):
         [3] Y. Burda, R. Grosse, R. Salakhutdinov. *Importance weighted autoencoders*. 2016.
         """
         _check_positive_int("num_samples", num_samples)
-        total = None
+        total: torch.Tensor | None = None
         done = 0
         while done < num_samples:
             k = min(chunk_size, num_samples - done)
             chunk = torch.logsumexp(self.log_weights(x, k), dim=0)
             total = chunk if total is None else torch.logaddexp(total, chunk)
             done += k
+        assert total is not None  # num_samples >= 1: the loop ran
         return total - math.log(num_samples)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import ClassVar
+from typing import Any, ClassVar, cast
 
 import pyro
 import pyro.distributions as dist
@@ -37,7 +37,9 @@ def two_gaussians() -> dist.MixtureSameFamily:
     )
 
 
-def ring_modes(num_modes: int = 7, radius: float = 1.0, dim: int = 3, seed: int = 0):
+def ring_modes(
+    num_modes: int = 7, radius: float = 1.0, dim: int = 3, seed: int = 0
+) -> torch.Tensor:
     """Centres of ``num_modes`` equally spaced modes on a circle, embedded in ``dim``-D space by
     a fixed random orthonormal map (Roth et al. 2017's ring), shape ``(num_modes, dim)``."""
     angle = 2 * math.pi * torch.arange(num_modes, dtype=torch.float64) / num_modes
@@ -49,7 +51,7 @@ def ring_modes(num_modes: int = 7, radius: float = 1.0, dim: int = 3, seed: int 
     return circle @ basis.T
 
 
-def ring_data(num_data: int, sd: float = 0.05, seed: int = 0, **kwargs) -> torch.Tensor:
+def ring_data(num_data: int, sd: float = 0.05, seed: int = 0, **kwargs: Any) -> torch.Tensor:
     """``num_data`` samples of the ring mixture (equal weights, isotropic ``sd``)."""
     centres = ring_modes(seed=seed, **kwargs)
     generator = torch.Generator().manual_seed(seed + 1)
@@ -80,7 +82,9 @@ class GaussianEncoder(nn.Module):
     r""":math:`q_\phi(z \mid x) = \mathcal{N}(\mu_\phi(x), \mathrm{diag}\,\sigma_\phi(x)^2)` from an
     MLP with ``hidden`` units per layer."""
 
-    def __init__(self, x_dim: int, z_dim: int, hidden: list[int], activation=nn.ReLU):
+    def __init__(
+        self, x_dim: int, z_dim: int, hidden: list[int], activation: type[nn.Module] = nn.ReLU
+    ) -> None:
         super().__init__()
         self.z_dim = z_dim
         self.net = mlp([x_dim, *hidden, 2 * z_dim], activation)
@@ -120,12 +124,12 @@ class FlowEncoder(nn.Module):
         x_dim: int,
         z_dim: int,
         hidden: list[int],
-        activation=nn.ReLU,
+        activation: type[nn.Module] = nn.ReLU,
         num_flows: int = 2,
         flow_hidden: tuple[int, ...] = (64, 64),
         count_bins: int = 8,
         bound: float = 4.0,
-    ):
+    ) -> None:
         super().__init__()
         self.base = GaussianEncoder(x_dim, z_dim, hidden, activation)
         self.flows = nn.ModuleList(
@@ -162,14 +166,19 @@ class LatentGenerator(nn.Module):
         (:class:`FlowEncoder`).
     """
 
-    ENCODERS: ClassVar[dict[str, type[nn.Module]]] = {
+    ENCODERS: ClassVar[dict[str, type[GaussianEncoder] | type[FlowEncoder]]] = {
         "gaussian": GaussianEncoder,
         "flow": FlowEncoder,
     }
 
     def __init__(
-        self, x_dim: int, z_dim: int, hidden: list[int], activation=nn.ReLU, encoder="gaussian"
-    ):
+        self,
+        x_dim: int,
+        z_dim: int,
+        hidden: list[int],
+        activation: type[nn.Module] = nn.ReLU,
+        encoder: str = "gaussian",
+    ) -> None:
         super().__init__()
         if encoder not in self.ENCODERS:
             raise ValueError(f"Expected encoder in {tuple(self.ENCODERS)}, actual {encoder!r}")
@@ -193,7 +202,7 @@ class LatentGenerator(nn.Module):
     @torch.no_grad()
     def sample(self, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, z)``: ``num_samples`` draws of the noise-free model :math:`x = \\mu_\\theta(z)`."""
-        weight = self.decoder[0].weight
+        weight = cast(nn.Linear, self.decoder[0]).weight
         z = torch.randn(num_samples, self.z_dim, dtype=weight.dtype, device=weight.device)
         return self.decoder(z), z
 
@@ -207,7 +216,9 @@ class BivariateGaussian(nn.Module):
     encoder family contains it and the bound can be tight.
     """
 
-    def __init__(self, hidden: int = 50, loc: float = 0.0, weight: float = 1.0, noise=1.0):
+    def __init__(
+        self, hidden: int = 50, loc: float = 0.0, weight: float = 1.0, noise: float = 1.0
+    ) -> None:
         super().__init__()
         self.joint = nn.ParameterDict(
             {

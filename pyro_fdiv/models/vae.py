@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import pyro
 import pyro.distributions as dist
@@ -273,6 +274,7 @@ class VAE(nn.Module):
         self.x_dim, self.z_dim, self.name = x_dim, z_dim, name
         self.hidden_dim = hidden_dim
         self.likelihood, self.obs_scale, self.encoder_type = likelihood, obs_scale, encoder
+        self.encoder: Encoder | ImplicitEncoder
         if encoder == "gaussian":
             self.encoder = Encoder(x_dim, hidden_dim, z_dim, activation=activation)
         else:
@@ -332,7 +334,8 @@ class VAE(nn.Module):
                 loc, scale = self.encoder(x)
                 pyro.sample("z", dist.Normal(loc, scale).to_event(1))
                 return
-            noise = x.new_zeros((*x.shape[:-1], self.encoder.noise_dim))
+            encoder = cast(ImplicitEncoder, self.encoder)  # encoder_type == "implicit"
+            noise = x.new_zeros((*x.shape[:-1], encoder.noise_dim))
             eps = pyro.sample(
                 "eps", dist.Normal(noise, 1.0).to_event(1), infer={"is_auxiliary": True}
             )
