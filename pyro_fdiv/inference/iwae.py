@@ -170,7 +170,7 @@ class IWAE(ImportanceObjective):
             shape = [w_tilde.shape[0]]
             shape += [1] * max(0, value.dim() - event_dim - 1 - self.max_plate_nesting)
             position = 1
-            for dim in range(-self.max_plate_nesting, 0):
+            for dim in range(-int(self.max_plate_nesting), 0):
                 shape.append(w_tilde.shape[position] if dim in keep_dims else 1)
                 position += dim in keep_dims
             factor = w_tilde.reshape(shape + [1] * event_dim)

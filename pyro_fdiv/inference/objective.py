@@ -88,6 +88,7 @@ def nested_log_weights(weights: LogWeights) -> torch.Tensor:
     site shares): :math:`\log p(\theta_k) - \log q(\theta_k) + s \sum_i \log w_{i,k}`, the
     local log weights summed over the plates the global sites are outside of and scaled by
     their subsample scale :math:`s = N/B`."""
+    assert weights.global_log_w is not None  # called for weights with global latents only
     dims, scale = local_split(weights)
     local = weights.log_w.sum(dims) if dims else weights.log_w
     return weights.global_log_w + (local * scale if scale != 1.0 else local)
@@ -100,8 +101,8 @@ def joint_score(weights: LogWeights) -> torch.Tensor | None:
     parts = [weights.global_score]
     if weights.score is not None:
         parts.append(weights.score.sum(dims) if dims else weights.score)
-    parts = [p for p in parts if p is not None]
-    return sum(parts[1:], parts[0]) if parts else None
+    scores = [p for p in parts if p is not None]
+    return sum(scores[1:], scores[0]) if scores else None
 
 
 class ImportanceObjective(Compilable, ELBO):
@@ -186,6 +187,8 @@ class ImportanceObjective(Compilable, ELBO):
     :param dict compile_options: keyword arguments of ``torch.compile`` (default
         ``{"options": {"fallback_random": True}}``: the same draws as the eager step).
     """
+
+    max_plate_nesting: float  # Pyro's ELBO attribute (inf until guessed)
 
     #: The ``global_latents`` estimators this objective offers (the first is the default).
     GLOBAL_ESTIMATORS: tuple[str, ...] = ("nested", "error")
@@ -273,7 +276,7 @@ class ImportanceObjective(Compilable, ELBO):
             args,
             kwargs,
             num_particles=self.num_particles,
-            max_plate_nesting=self.max_plate_nesting,
+            max_plate_nesting=int(self.max_plate_nesting),  # guessed above when inf
             vectorize_particles=self._vectorize,
             split_global=self.global_latents != "error",
             num_local_particles=self.num_local_particles if self._local_plates else 1,
