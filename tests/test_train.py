@@ -172,7 +172,15 @@ def test_a_checkpoint_that_saved_num_particles_resumes(data_root, tmp_path):
 
 def test_cli_train_writes_log_checkpoint_and_images(data_root, tmp_path, capsys):
     argv = ["train", "--objective", "iwae", "-k", "3", "--epochs", "1", "--architecture", "small"]
-    argv += ["--data", str(data_root), "--out", str(tmp_path), "--eval-samples", "5"]
+    argv += [
+        "--data",
+        str(data_root),
+        "--out",
+        str(tmp_path),
+        "--eval-samples",
+        "5",
+        "--no-compile",
+    ]
     main(argv)
     log = pd.read_csv(tmp_path / "log.csv")
     assert list(log.columns) == [
