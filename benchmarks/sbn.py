@@ -230,17 +230,32 @@ def paired(values: dict, arch: str) -> list[dict]:
 
 
 def plot(args: argparse.Namespace, archs: list[str], methods: list[str]) -> None:
-    fig, axes = plt.subplots(1, len(archs), figsize=(4.2 * len(archs), 3.4), squeeze=False)
-    for ax, arch in zip(axes[0], archs, strict=True):
-        for method in methods:
-            log = pd.read_csv(args.out / "runs" / arch / method / "log.csv")
+    """Curves per architecture (top) and JSA's lead over the others on the same images
+    (bottom, when JSA ran)."""
+    rows = 2 if "jsa" in methods and len(methods) > 1 else 1
+    fig, axes = plt.subplots(
+        rows, len(archs), figsize=(4.2 * len(archs), 3.2 * rows), squeeze=False
+    )
+    cache_on = CACHE_AFTER * args.epochs * steps_per_epoch(args.num_data, args.batch_size)
+    for col, arch in enumerate(archs):
+        logs = {m: pd.read_csv(args.out / "runs" / arch / m / "log.csv") for m in methods}
+        ax = axes[0, col]
+        for method, log in logs.items():
             ax.plot(log.step, log.curve_log_lik, marker=".", label=method)
         ax.set(xlabel="gradient steps", ylabel="test log-likelihood (nats)", title=arch)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        if "jsa" in methods:
-            cache_on = CACHE_AFTER * args.epochs * steps_per_epoch(args.num_data, args.batch_size)
-            ax.axvline(cache_on, color="gray", ls=":", lw=1)
+        if rows == 2:
+            ax = axes[1, col]
+            for method, log in logs.items():
+                if method != "jsa":
+                    lead = logs["jsa"].curve_log_lik - log.curve_log_lik
+                    ax.plot(log.step, lead, marker=".", label=f"jsa - {method}")
+            ax.axhline(0.0, color="black", lw=0.8)
+            ax.set(xlabel="gradient steps", ylabel="JSA's lead (nats)")
+        for ax in axes[:, col]:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+            if "jsa" in methods:
+                ax.axvline(cache_on, color="gray", ls=":", lw=1)
     fig.suptitle(
         f"binarized MNIST SBNs: {args.num_curve} test images, K={args.curve_samples} "
         "(dotted: JSA's cache on)",
@@ -251,13 +266,27 @@ def plot(args: argparse.Namespace, archs: list[str], methods: list[str]) -> None
     plt.close(fig)
 
 
+def tightness(sbn, x: torch.Tensor, sizes: list[int], seed: int) -> list[dict]:
+    """Mean IS estimate on ``x`` for each number of samples in ``sizes``: how much the
+    estimate still rises with K, i.e. how loose the guide leaves it."""
+    rows = []
+    for k in sizes:
+        torch.manual_seed(seed)
+        rows.append({"eval_samples": k, "log_lik": float(evaluate(sbn, x, k).mean())})
+    return rows
+
+
 def markdown(results: pd.DataFrame, pairs: pd.DataFrame) -> str:
+    order = {"index": [a for a in ARCHS if a in set(results.arch)]}
+    order["columns"] = [m for m in METHODS if m in set(results.method)]
     wide = results.assign(
         cell=[f"{m:.2f} ± {s:.2f}" for m, s in zip(results.test_log_lik, results.se, strict=True)]
     ).pivot(index="arch", columns="method", values="cell")
+    wide = wide.reindex(**order)
     times = results.assign(cell=[f"{t:.0f}" for t in results.train_seconds]).pivot(
         index="arch", columns="method", values="cell"
     )
+    times = times.reindex(**order)
     lines = ["Test log-likelihood (nats, mean ± standard error over images):", ""]
     lines += [wide.to_markdown(), "", "Training seconds:", "", times.to_markdown(), ""]
     if len(pairs):
@@ -307,6 +336,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", default=os.environ.get("PYRO_FDIV_DATA", str(SHARED_DATA)))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--tightness",
+        type=int,
+        default=0,
+        help="also estimate on this many test images with K = 100, 1,000 and 5,000 (tightness.csv)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: seconds")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -335,7 +370,7 @@ def main(argv: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     args.out.mkdir(parents=True, exist_ok=True)
     data = load_data(args)
     args.num_data = len(data["train"])
-    values, rows, pairs = {}, [], []
+    values, rows, pairs, tight = {}, [], [], []
     for arch in args.arch_list:
         for method in args.method_list:
             sbn, log = train(arch, method, data, args)
@@ -357,6 +392,11 @@ def main(argv: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
                 }
             )
             pd.DataFrame(rows).to_csv(args.out / "results.csv", index=False)
+            if args.tightness:
+                x = data["test"][: args.tightness]
+                for row in tightness(sbn, x, [100, 1000, 5000], args.seed + 2):
+                    tight.append({"arch": arch, "method": method, "num_test": len(x), **row})
+                pd.DataFrame(tight).to_csv(args.out / "tightness.csv", index=False)
         pairs += paired(values, arch)
     results, pair_table = pd.DataFrame(rows), pd.DataFrame(pairs)
     pair_table.to_csv(args.out / "paired.csv", index=False)

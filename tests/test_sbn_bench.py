@@ -175,13 +175,16 @@ def test_smoke_run_writes_tables_and_resumes_exactly(data_root, tmp_path):
               "--curve-samples", "5", "--batch-size", "20"]  # fmt: skip
     straight = tmp_path / "straight"
     results, pairs = bench.main(["--data", str(data_root), "--out", str(straight), "--quiet",
-                                 *common])  # fmt: skip
+                                 "--tightness", "4", *common])  # fmt: skip
     assert len(results) == 9 and set(results.method) == set(bench.METHODS)
     assert set(results.arch) == set(bench.ARCHS) and (results.steps == 6).all()
     assert results.test_log_lik.lt(0).all() and results.se.gt(0).all()
     assert list(pairs.difference.unique()) == ["jsa - vimco", "jsa - rws"] and len(pairs) == 6
     for name in ("results.csv", "paired.csv", "tables.md", "curves.png", "settings.csv"):
         assert (straight / name).stat().st_size > 0
+    tight = pd.read_csv(straight / "tightness.csv")
+    assert len(tight) == 27 and set(tight.eval_samples) == {100, 1000, 5000}
+    assert (tight.num_test == 4).all() and tight.log_lik.lt(0).all()
     # paired differences are the per-image differences of the runs' own files
     linear = {
         m: pd.read_csv(straight / "runs" / "linear" / m / "test_log_lik.csv")
