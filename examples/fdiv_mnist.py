@@ -216,6 +216,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--spread-variance", type=float, default=PAPER["spread_variance"])
     p.add_argument("--log-p-hat-scale", type=float, default=1.0)
     p.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
+    p.add_argument("--reverse-tag", default="", help="reverse run in reverse_kl-TAG (a variant)")
     p.add_argument("--budget-minutes", type=float, default=None)
     p.add_argument("--num-samples", type=int, default=10_000, help="samples scored at the end")
     p.add_argument(
@@ -253,12 +254,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_settings(args: argparse.Namespace) -> dict:
-    """What a resumed run must share with the saved one."""
+def run_settings(args: argparse.Namespace, kind: str) -> dict:
+    """What a resumed run of ``kind`` (``forward_kl``, ``reverse_kl``) must share with the saved
+    one (the reverse run's start checkpoint is checked against the forward settings)."""
     keys = ("num_train", "batch_size", "seed", "spread_variance", "init_epochs", "forward_lr")
-    keys += ("theta_lr", "phi_lr", "guide_steps", "pca_dim", "num_pca_samples")
-    keys += ("log_p_hat_scale", "eval_rows", "eval_k", "num_test", "ll_samples", "track_samples")
+    keys += ("eval_rows", "eval_k", "num_test", "ll_samples", "track_samples")
+    if kind == "reverse_kl":
+        keys += ("theta_lr", "phi_lr", "guide_steps", "pca_dim", "num_pca_samples")
+        keys += ("log_p_hat_scale",)
     return {k: getattr(args, k) for k in keys}
+
+
+def run_dir_name(kind: str, args: argparse.Namespace) -> str:
+    """``forward_kl``, or ``reverse_kl`` with ``--reverse-tag`` (a variant from the same start)."""
+    return f"{kind}-{args.reverse_tag}" if kind == "reverse_kl" and args.reverse_tag else kind
 
 
 # ------------------------------------------------------------------------------------- training
@@ -268,7 +277,8 @@ class Run:
 
     def __init__(self, name: str, args: argparse.Namespace, data: dict, classifier):
         self.name, self.args, self.data, self.classifier = name, args, data, classifier
-        self.dir = args.out / name
+        self.dir = args.out / run_dir_name(name, args)
+        self.label = self.dir.name
         self.sigma = math.sqrt(args.spread_variance)
         self.epochs = args.forward_epochs if name == "forward_kl" else args.reverse_epochs
         pyro.clear_param_store()
@@ -312,12 +322,9 @@ class Run:
     def _restore(self, path: Path, optim: bool) -> None:
         payload = checkpoint.read(path)
         saved = payload["extra"]["settings"]
-        if saved != run_settings(self.args):
-            changed = {
-                k: (saved.get(k), v)
-                for k, v in run_settings(self.args).items()
-                if saved.get(k) != v
-            }
+        expected = run_settings(self.args, self.name if optim else "forward_kl")
+        if saved != expected:
+            changed = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
             raise ValueError(f"Cannot resume {path}: settings differ (saved, given): {changed}")
         if optim:
             checkpoint.restore(
@@ -335,7 +342,11 @@ class Run:
         return torch.cat([v.reshape(-1) for k, v in sorted(store.items()) if "decoder" in k])
 
     def save(self, path: Path) -> None:
-        extra = {"epoch": self.epoch, "rows": self.rows, "settings": run_settings(self.args)}
+        extra = {
+            "epoch": self.epoch,
+            "rows": self.rows,
+            "settings": run_settings(self.args, self.name),
+        }
         checkpoint.save(path, optim=self.optim, objective=self.objective, extra=extra)
 
     def train_epoch(self) -> float:
@@ -343,7 +354,7 @@ class Run:
         order = torch.randperm(len(train))
         losses = []
         batches = order.split(self.args.batch_size)
-        desc = f"{self.name} epoch {self.epoch + 1}/{self.epochs}"
+        desc = f"{self.label} epoch {self.epoch + 1}/{self.epochs}"
         for idx in tqdm(batches, desc=desc, disable=not self.args.progress, leave=False):
             losses.append(self.step(train[idx]))
         return sum(losses) / len(losses)
@@ -480,6 +491,17 @@ def final_quality(run: Run, args, test_x, test_features, label: str, grid: Path)
     return sample_quality(means, run.classifier, test_x, test_features=test_features)
 
 
+def merged(path: Path, table: pd.DataFrame) -> pd.DataFrame:
+    """``table``'s rows replace those of the same name in the CSV at ``path`` (written by
+    earlier calls, e.g. for other variants); the union is written back and returned."""
+    if path.exists():
+        old = pd.read_csv(path, index_col=0)
+        table = pd.concat([old.drop(index=table.index, errors="ignore"), table])
+    table.index.name = table.index.name or "name"
+    table.to_csv(path)
+    return table
+
+
 def plot_curves(logs: dict[str, pd.DataFrame], path: Path) -> None:
     columns = [
         ("forward_kl_bound", "forward-KL bound (K=1), nats"),
@@ -565,22 +587,23 @@ def _main(args: argparse.Namespace) -> pd.DataFrame:
         run = Run(name, args, data, classifier)
         finished[name] = run.run(deadline)
         if not finished[name]:
-            print(f"{name}: budget reached after epoch {run.epoch}; run the same command again")
+            print(
+                f"{run.label}: budget reached after epoch {run.epoch}; run the same command again"
+            )
             return pd.DataFrame()
     quality_test = fixed_subset(data["test_x"], args.quality_test, seed=args.seed)
     _, test_features = classifier_outputs(classifier, quality_test)
     results, quality, logs = [], {}, {}
     for name in args.runs:
         run = Run(name, args, data, classifier)
-        logs[name] = pd.read_csv(run.dir / "log.csv")
+        log = logs[run.label] = pd.read_csv(run.dir / "log.csv")
         if name == "reverse_kl":
-            logs[name].attrs["offset"] = args.init_epochs
-        label = f"{name}, {args.init_epochs}+{run.epoch}" if name == "reverse_kl" else name
-        quality[name] = final_quality(
-            run, args, quality_test, test_features, label, args.out / f"samples_{name}.png"
+            log.attrs["offset"] = args.init_epochs
+        title = f"{run.label}, {args.init_epochs}+{run.epoch}" if name == "reverse_kl" else name
+        quality[run.label] = final_quality(
+            run, args, quality_test, test_features, title, args.out / f"samples_{run.label}.png"
         )
-        last = logs[name].iloc[-1]
-        results.append({"run": name, "epochs": run.epoch, **last.to_dict()})
+        results.append({"run": run.label, "epochs": run.epoch, **log.iloc[-1].to_dict()})
     if "reverse_kl" in args.runs:  # the forward-KL model the reverse run starts from
         start = Run("reverse_kl", args, data, classifier)
         start._restore(args.out / "forward_kl" / START, optim=False)
@@ -592,11 +615,14 @@ def _main(args: argparse.Namespace) -> pd.DataFrame:
             f"forward_kl@{args.init_epochs}",
             args.out / "samples_forward_kl_start.png",
         )
-    table = quality_table(quality)
-    table.to_csv(args.out / "quality.csv")
-    summary = pd.DataFrame(results)
+    table = merged(args.out / "quality.csv", quality_table(quality))
+    summary = pd.DataFrame(results).set_index("run")
     summary["reference_test_log_lik"] = float(reference_ll.mean())
-    summary.to_csv(args.out / "results.csv", index=False)
+    summary = merged(args.out / "results.csv", summary)
+    for path in sorted(args.out.glob("reverse_kl*/log.csv")):  # variants from earlier calls
+        if path.parent.name not in logs:
+            logs[path.parent.name] = pd.read_csv(path)
+            logs[path.parent.name].attrs["offset"] = args.init_epochs
     plot_curves(logs, args.out / "curves.png")
     pd.set_option("display.width", 200)
     print(summary.T.to_string())

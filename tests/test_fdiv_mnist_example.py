@@ -65,15 +65,16 @@ def test_smoke_outputs_and_reverse_start(smoke):
 
 @needs_mnist
 def test_budget_stop_and_resume_repeat_the_log(smoke, tmp_path):
-    """A reverse run stopped by the budget after its start and resumed from its checkpoint
-    repeats the uninterrupted run's log."""
+    """A reverse run (a tagged variant with the same settings) stopped by the budget after its
+    start and resumed from its checkpoint repeats the uninterrupted run's log."""
     out, _ = smoke
     shutil.copytree(out / "forward_kl", tmp_path / "forward_kl")
-    argv = [*_argv(tmp_path), "--runs", "reverse_kl"]
+    argv = [*_argv(tmp_path), "--runs", "reverse_kl", "--reverse-tag", "again"]
     assert fdiv_mnist.main([*argv, "--budget-minutes", "0"]).empty
-    assert list(pd.read_csv(tmp_path / "reverse_kl" / "log.csv").epoch) == [0]
-    fdiv_mnist.main(argv)
-    resumed = pd.read_csv(tmp_path / "reverse_kl" / "log.csv").drop(columns="seconds")
+    assert list(pd.read_csv(tmp_path / "reverse_kl-again" / "log.csv").epoch) == [0]
+    table = fdiv_mnist.main(argv)
+    assert list(table.index) == ["reverse_kl-again", "forward_kl@1"]
+    resumed = pd.read_csv(tmp_path / "reverse_kl-again" / "log.csv").drop(columns="seconds")
     reverse = pd.read_csv(out / "reverse_kl" / "log.csv").drop(columns="seconds")
     pd.testing.assert_frame_equal(resumed, reverse)
 
