@@ -149,3 +149,23 @@ def test_isotropic_encoder_and_bad_arguments():
         fdiv_mnist.parse_args(["--forward-epochs", "2", "--init-epochs", "3"])
     with pytest.raises(ValueError, match="--spread-variance"):
         fdiv_mnist.parse_args(["--spread-variance", "0"])
+
+
+@pytest.mark.parametrize("z_dim", [0, 2, 6])
+def test_linear_gaussian_reference_is_the_fixed_noise_ppca_density(z_dim):
+    """The reference density equals a Gaussian with the training covariance's top ``z_dim``
+    eigenvalues raised by sigma^2 and sigma^2 elsewhere (with z_dim = D: covariance + sigma^2 I)."""
+    torch.manual_seed(0)
+    train = torch.randn(200, 6) @ torch.randn(6, 6) + 1.0
+    y = torch.randn(5, 6)
+    sigma = 0.7
+    cov = torch.cov(train.T)
+    lam, u = torch.linalg.eigh(cov)
+    lam, u = lam.flip(0), u.flip(1)
+    full = u @ torch.diag(torch.cat([lam[:z_dim], torch.zeros(6 - z_dim)])) @ u.T
+    expected = dist.MultivariateNormal(train.mean(0), full + sigma**2 * torch.eye(6)).log_prob(y)
+    got = fdiv_mnist.linear_gaussian_log_lik(train, y, sigma, z_dim)
+    torch.testing.assert_close(got, expected)
+    if z_dim == 6:
+        exact = dist.MultivariateNormal(train.mean(0), cov + sigma**2 * torch.eye(6))
+        torch.testing.assert_close(got, exact.log_prob(y))
