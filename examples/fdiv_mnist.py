@@ -29,11 +29,14 @@ gradient).
 
 **Measurements**, after every epoch of each run (``log.csv``), on fixed rows: the forward-KL and
 reverse-KL bounds with the exact :math:`\log \hat p` (over the whole training subset) at
-``K = 1`` (the paper's bound) and with ``K = --eval-k`` importance samples (tighter; the
-difference is a lower bound on how far the encoder is from the model's posterior); the held-out
-log-likelihood :math:`\log p_{\theta,\sigma}(y)` of noisy test images by importance sampling
-with the encoder as proposal (the quantity forward KL maximizes), beside the same for the
-training subset's own kernel density :math:`\hat p_\sigma` as a reference; the class histogram
+``K = 1`` (the paper's bound) and with ``K = --eval-k`` importance samples (tighter; both from
+one seed, so their difference, ``*_encoder_gap``, is a lower bound on how far the encoder is
+from the model's posterior); the held-out log-likelihood :math:`\log p_{\theta,\sigma}(y)` of
+noisy test images by importance sampling with the encoder as proposal (the quantity forward KL
+maximizes), beside two references at the end: the training subset's own kernel density
+:math:`\hat p_\sigma`, and the best linear decoder with the same noise
+(:func:`linear_gaussian_log_lik`, 0 and 20 latents); the encoder's mean scale on noisy
+training images (1 when it returns the prior: posterior collapse); the class histogram
 of ``--track-samples`` decoder means under the cached MNIST classifier
 (:mod:`pyro_fdiv.compare.sample_quality`); for reverse KL the relative distance of the decoder's
 parameters from the forward-KL start. At the end, :func:`~pyro_fdiv.compare.sample_quality` on
@@ -47,8 +50,11 @@ snapshot the reverse run starts from (``forward_kl/start_reverse.pt``); run the 
 again and it continues where it stopped. ``--budget-minutes`` stops training (after the epoch
 in progress) when the wall time of this invocation passes it.
 
-    python examples/fdiv_mnist.py --num-train 10000 --forward-epochs 6 --init-epochs 3 \
-        --reverse-epochs 3 --out docs/experiments/fdiv_mnist
+``--reverse-tag TAG`` trains another reverse run (e.g. ``--log-p-hat-scale 0.2``) from the
+same forward-KL start into ``reverse_kl-TAG/``; the tables gather every run of the directory.
+
+    # the paper's epochs and ratios on a 10,000-image subset (docs/experiments/fdiv_mnist/)
+    python examples/fdiv_mnist.py --num-train 10000 --out docs/experiments/fdiv_mnist
     python examples/fdiv_mnist.py --smoke --out /tmp/fdiv_mnist        # seconds
 
 **References**
