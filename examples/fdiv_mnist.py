@@ -222,6 +222,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--spread-variance", type=float, default=PAPER["spread_variance"])
     p.add_argument("--log-p-hat-scale", type=float, default=1.0)
     p.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
+    p.add_argument(
+        "--references",
+        action="store_true",
+        help="only write references.csv: the reverse KL of one-image models and of real digits",
+    )
     p.add_argument("--reverse-tag", default="", help="reverse run in reverse_kl-TAG (a variant)")
     p.add_argument("--budget-minutes", type=float, default=None)
     p.add_argument("--num-samples", type=int, default=10_000, help="samples scored at the end")
@@ -558,6 +563,45 @@ def linear_gaussian_log_lik(
     return -0.5 * (dim * math.log(2 * math.pi) + logdet + quad)
 
 
+def one_image_reverse_kl(
+    images: torch.Tensor, train: torch.Tensor, sigma: float, num_draws: int = 4
+) -> torch.Tensor:
+    r"""
+    :math:`\mathrm{KL}(\mathcal{N}(x, \sigma^2 I) \,\|\, \hat p_\sigma)` for each image
+    :math:`x` of ``images``: the reverse KL of a model that emits that one image, against the
+    spread training set, by Monte Carlo (``num_draws`` per image), in float64.
+    """
+    x, train = images.double(), train.double()
+    total = torch.zeros(len(x), dtype=x.dtype)
+    for _ in range(num_draws):
+        noise = sigma * torch.randn_like(x)
+        log_model = -0.5 * x.shape[1] * math.log(2 * math.pi * sigma**2)
+        log_model = log_model - noise.square().sum(1) / (2 * sigma**2)
+        total += log_model - spread_log_density(x + noise, train, sigma)
+    return total / num_draws
+
+
+def reverse_kl_references(data: dict, sigma: float, per_class: int = 100, num_draws: int = 1000):
+    r"""
+    What the reverse KL prefers at this spread: ``(by_class, ideal)``. ``by_class``: the reverse
+    KL of one-image models, for ``per_class`` *test* images of each class (unseen by
+    :math:`\hat p_\sigma`), median and minimum. ``ideal``: the reverse KL of the real digit
+    distribution, represented by all test images under the same spread, against
+    :math:`\hat p_\sigma` (``num_draws`` draws), with its standard error; the training subset
+    itself scores 0.
+    """
+    test, labels, train = data["test_x"].double(), data["test_y"], data["train"].double()
+    rows = []
+    for c in range(10):
+        kl = one_image_reverse_kl(test[labels == c][:per_class], train, sigma)
+        rows.append({"class": c, "median": kl.median().item(), "min": kl.min().item()})
+    idx = torch.randint(len(test), (num_draws,))
+    y = test[idx] + sigma * torch.randn(num_draws, test.shape[1], dtype=test.dtype)
+    terms = spread_log_density(y, test, sigma) - spread_log_density(y, train, sigma)
+    ideal = {"mean": terms.mean().item(), "se": (terms.std() / math.sqrt(num_draws)).item()}
+    return pd.DataFrame(rows), ideal
+
+
 def load_data(args: argparse.Namespace) -> dict:
     train_all, _ = load_mnist(args.data, "train", dtype=torch.float32)
     test_x, test_y = load_mnist(args.data, "test", dtype=torch.float32)
@@ -595,6 +639,46 @@ def get_classifier(args: argparse.Namespace):
     )
 
 
+def write_references(args: argparse.Namespace, data: dict) -> pd.DataFrame:
+    """``references.csv``: :func:`reverse_kl_references`, and the test log-likelihoods of the
+    kernel density and of :func:`linear_gaussian_log_lik`."""
+    sigma = math.sqrt(args.spread_variance)
+    with rng_preserved():
+        torch.manual_seed(args.seed)
+        by_class, ideal = reverse_kl_references(data, sigma)
+    rows = [
+        {
+            "reference": f"one test image of class {int(r['class'])} (median; min)",
+            "value": r["median"],
+            "extra": r["min"],
+        }
+        for _, r in by_class.iterrows()
+    ]
+    rows.append(
+        {
+            "reference": "the test set as the model (mean; se)",
+            "value": ideal["mean"],
+            "extra": ideal["se"],
+        }
+    )
+    noisy, train = data["noisy_test"], data["train"]
+    rows.append(
+        {
+            "reference": "test log-lik: the training subset's kernel density p_hat",
+            "value": float(spread_log_density(noisy.double(), train.double(), sigma).mean()),
+        }
+    )
+    for z_dim in (0, PAPER["z_dim"]):
+        value = float(linear_gaussian_log_lik(train, noisy, sigma, z_dim).mean())
+        rows.append(
+            {"reference": f"test log-lik: best linear decoder, {z_dim} latents", "value": value}
+        )
+    table = pd.DataFrame(rows)
+    table.to_csv(args.out / "references.csv", index=False)
+    print(table.round(3).to_string(index=False))
+    return table
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
     threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
@@ -612,6 +696,8 @@ def _main(args: argparse.Namespace) -> pd.DataFrame:
     deadline = None if args.budget_minutes is None else began + 60 * args.budget_minutes
     args.out.mkdir(parents=True, exist_ok=True)
     data = load_data(args)
+    if args.references:
+        return write_references(args, data)
     classifier = get_classifier(args)
     sigma = math.sqrt(args.spread_variance)
     # the reference: the training subset's own spread density at the noisy test images

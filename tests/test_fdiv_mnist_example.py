@@ -1,6 +1,7 @@
 """The f-divergence paper's MNIST recipe, ``examples/fdiv_mnist.py``: a smoke run's outputs, the
 reverse run's start and resume, and the guide steps' skipped data density."""
 
+import math
 import os
 import shutil
 import sys
@@ -169,3 +170,14 @@ def test_linear_gaussian_reference_is_the_fixed_noise_ppca_density(z_dim):
     if z_dim == 6:
         exact = dist.MultivariateNormal(train.mean(0), cov + sigma**2 * torch.eye(6))
         torch.testing.assert_close(got, exact.log_prob(y))
+
+
+def test_one_image_reverse_kl_closed_forms():
+    """KL(N(x, s^2) || p_hat) is 0 when p_hat is that image alone, and log 2 when p_hat has a
+    second image far away (its component adds nothing where the model's draws fall)."""
+    x = torch.rand(1, 20)
+    far = torch.cat([x, x + 100.0])
+    kl = fdiv_mnist.one_image_reverse_kl(x, x, 0.7)
+    assert kl.item() == pytest.approx(0.0, abs=1e-9)
+    kl = fdiv_mnist.one_image_reverse_kl(x, far, 0.7)
+    assert kl.item() == pytest.approx(math.log(2), abs=1e-9)
