@@ -2,6 +2,7 @@
 on the same draws, one compilation in steady state, a new one when the arguments' shapes
 change, eager fallbacks with a warning, exact resumes, finite checks that name the sites."""
 
+import contextlib
 import copy
 import math
 import warnings
@@ -610,9 +611,12 @@ def _package_model(name):
     "name", ["eight_schools-bbalpha", "ppca-iwae", "sbn-vimco", "sbn-rws", "toy-fdiv"]
 )
 def test_the_package_models_compile_equal_to_eager(name):
-    """The models of ``pyro_fdiv.models`` (discrete SBN latents with score-function and
-    reweighted wake-sleep gradients included) under ``make_step``: the eager steps' losses and
-    parameters, float64 to 1e-10, from a compiled program."""
+    """The models of ``pyro_fdiv.models`` under ``make_step``: the eager steps' losses and
+    parameters, float64 to 1e-10, from a compiled program. The SBN's Bernoulli latents are the
+    exception: Inductor decomposes ``aten.bernoulli`` into ``rand() < p``, other draws than
+    the eager kernel's, so the first-call check drops the program (one warning) and the steps
+    run eagerly, still equal."""
+    discrete = name.startswith("sbn")
     runs = []
     for compiled in (False, True):
         pyro.clear_param_store()
@@ -620,9 +624,13 @@ def test_the_package_models_compile_equal_to_eager(name):
         optim = pyro.optim.Adam({"lr": 0.05})
         step = make_step(model, guide, optim, objective, compile=compiled)
         pyro.set_rng_seed(0)
-        losses = [step(*args) for _ in range(4)]
+        with contextlib.ExitStack() as stack:
+            if compiled and discrete:
+                stack.enter_context(pytest.warns(UserWarning, match="its compiled program gives"))
+            losses = [step(*args) for _ in range(4)]
         if compiled:
-            assert step.programs or objective._compiled.programs
+            own = getattr(objective, "_compiled", None)
+            assert bool(step.programs or (own is not None and own.programs)) != discrete
         params = {n: p.detach().clone() for n, p in pyro.get_param_store()._params.items()}
         runs.append((losses, params))
     assert_same(runs[0], runs[1], 1e-10)

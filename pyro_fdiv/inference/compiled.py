@@ -494,23 +494,7 @@ def compile_graph(
     with quiet_compile():
         from torch._inductor.compile_fx import compile_fx  # its import defines TorchScript
 
-        return compile_fx(  # type: ignore[return-value]
-            gm, inputs, config_patches=patches, decompositions=_decompositions(patches)
-        )
-
-
-def _decompositions(patches: dict) -> dict | None:
-    """Inductor's decompositions, except that with ``fallback_random`` ``aten.bernoulli`` stays
-    the ATen kernel (its decomposition draws ``rand() < p``: other numbers than the eager
-    step's Bernoulli samples), so that discrete guides draw what they draw eagerly."""
-    if not patches.get("fallback_random"):
-        return None
-    from torch._inductor.decomposition import select_decomp_table
-
-    with torch._inductor.config.patch(patches):
-        table = dict(select_decomp_table())
-    table.pop(torch.ops.aten.bernoulli.default, None)
-    return table
+        return compile_fx(gm, inputs, config_patches=patches)  # type: ignore[return-value]
 
 
 def _warn_eager(owner: str, reason: str, fallback: bool = True) -> None:
