@@ -739,10 +739,6 @@ class CompiledLoss(_ProgramCache):
         # compiled programs are not pickled (nor checkpointed): a copy captures its own
         return {**self.__dict__, "programs": {}, "eager_keys": set(), "warned": False, "aux": None}
 
-    def loss_and_grads(self, model, guide, args: tuple, kwargs: dict) -> float:
-        """:meth:`grads` of the objective's one part: the loss."""
-        return self.grads(model, guide, args, kwargs)[0]
-
     def grads(
         self, model, guide, args: tuple, kwargs: dict, part: str = ""
     ) -> tuple[float, list[torch.Tensor] | None]:
