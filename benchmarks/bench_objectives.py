@@ -2,11 +2,14 @@
 
 Each case is an objective on the model of its own example, stepped by ``SVI.step`` (eager) and by
 ``make_step`` (the objective's gradient steps compiled: both players of the f-divergence bound,
-AVB's ELBO step, the f-GAN model step; the whole step for IWAE), alternated within rounds in one
+AVB's ELBO step, the f-GAN model step, JSA's chain moves and gradient; the whole step for IWAE
+and BB-α), alternated within rounds in one
 process; the ratio is the median of the per-round ratios compiled / eager. ``first_s`` is the
-compiled method's first two steps (eager step, capture and Inductor compilation of every
-program). The settings are the examples' (``examples/gaussian_fit.py``, ``examples/ring.py``,
-``examples/avb_synthetic.py``) and the Eight Schools job's (``avb``, ``bbalpha-0.5``).
+compiled method's first steps (eager step, capture and Inductor compilation of every program:
+two steps, three for JSA, whose first step creates the chains). The settings are the examples'
+(``examples/gaussian_fit.py``, ``examples/ring.py``, ``examples/avb_synthetic.py``), the Eight
+Schools job's (``avb``, ``bbalpha-0.5``, ``jsa``) and the SBN benchmark's (``benchmarks/sbn.py``:
+one layer of 200 Bernoulli latents, binarized MNIST, batch 50, K = 10).
 
     python benchmarks/bench_objectives.py --threads 1
     python benchmarks/bench_objectives.py --smoke
@@ -31,8 +34,10 @@ from pyro.infer import SVI
 from torch import nn
 
 from pyro_fdiv.compare.methods import get_method
-from pyro_fdiv.inference import FDivergenceBound, FGANBound, make_step
+from pyro_fdiv.data import load_binarized_mnist
+from pyro_fdiv.inference import IWAE, JSA, FDivergenceBound, FGANBound, make_step
 from pyro_fdiv.models import eight_schools as es
+from pyro_fdiv.models.sbn import SBN
 from pyro_fdiv.models.toy import BivariateGaussian, LatentGenerator, mlp, ring_data, two_gaussians
 
 
@@ -42,6 +47,10 @@ class Case:
 
     name: str
     build: Callable[[], tuple]
+    first_steps: int = 2  # steps until every program is compiled
+
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
 
 class _Critic(nn.Module):
@@ -102,6 +111,15 @@ def eight_schools(method: str):
     return model, m.guide(model), m.objective(), optim, ()
 
 
+def sbn(method: str, num_data: int = 5000, batch: int = 50):
+    """benchmarks/sbn.py's linear SBN (784-200) on binarized MNIST, one fixed minibatch."""
+    x = load_binarized_mnist(os.environ.get("PYRO_FDIV_DATA", SHARED_DATA), "train")[:num_data]
+    net = SBN(x.shape[1], 200, name="linear")
+    objective = JSA(num_data=num_data, num_particles=10) if method == "jsa" else IWAE(10)
+    idx = torch.randperm(num_data)[:batch]
+    return net.model, net.guide, objective, pyro.optim.Adam({"lr": 3e-4}), (x[idx], idx, num_data)
+
+
 CASES = [
     Case(
         "fdiv forward_kl, bivariate Gaussian (gaussian_fit.py)",
@@ -114,6 +132,9 @@ CASES = [
     Case("avb, Eight Schools (the job's avb)", lambda: eight_schools("avb")),
     Case("bbalpha-0.5, Eight Schools (the job's)", lambda: eight_schools("bbalpha-0.5")),
     Case("elbo-fullrank, Eight Schools (Trace_ELBO)", lambda: eight_schools("elbo-fullrank")),
+    Case("jsa, Eight Schools (the job's: K = 16, history)", lambda: eight_schools("jsa"), 3),
+    Case("jsa, SBN 784-200 (sbn.py: batch 50, K = 10)", lambda: sbn("jsa"), 3),
+    Case("vimco (IWAE), SBN 784-200 (sbn.py: batch 50, K = 10)", lambda: sbn("vimco")),
 ]
 
 
@@ -154,7 +175,7 @@ def bench(case: Case, rounds: int, steps: int, warmup: int, seed: int = 0) -> di
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            for _ in range(2):
+            for _ in range(case.first_steps):
                 run()
         first[method] = time.perf_counter() - start
         for _ in range(warmup):

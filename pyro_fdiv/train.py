@@ -140,9 +140,9 @@ class TrainConfig:
     :param bool compile: train with :func:`~pyro_fdiv.inference.make_step` (the default): the
         model and guide traced once, the step compiled (loss, gradient and Adam in one program
         where the objective's step is only that; the objective's own gradient steps compiled
-        where it has inner updates; ``jsa`` stays eager). The same draws as ``SVI.step``, so
-        the numbers agree to float rounding; ``False`` runs ``SVI.step``. A resumed run may
-        change it.
+        where it has inner updates, ``jsa``'s chain moves included). The same draws as
+        ``SVI.step``, so the numbers agree to float rounding; ``False`` runs ``SVI.step``. A
+        resumed run may change it.
     """
 
     dataset: str = "binarized-mnist"

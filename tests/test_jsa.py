@@ -1,8 +1,10 @@
 """Joint stochastic approximation: exact stationarity of its chains, the inclusive-KL guide,
 maximum likelihood with discrete latents, the cache and its state, errors."""
 
+import copy
 import importlib.util
 import math
+import warnings
 from pathlib import Path
 
 import pyro
@@ -14,7 +16,9 @@ from pyro.infer.autoguide import AutoMultivariateNormal
 from scipy import stats
 from torch.distributions import constraints
 
-from pyro_fdiv.inference import JSA
+from pyro_fdiv.checkpoint import get_rng_state, set_rng_state
+from pyro_fdiv.inference import JSA, make_step
+from pyro_fdiv.models.sbn import SBN
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -674,3 +678,129 @@ def test_reset_starts_like_a_freshly_constructed_jsa():
         runs.append((losses, objective.samples()["z"]))
     assert runs[0][0] == runs[1][0]
     assert torch.equal(runs[0][1], runs[1][1]) and runs[0][1].shape == (6, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiled steps (compile=True, make_step)
+
+
+def _sbn_case():
+    """Bernoulli latents in a subsampled data plate (the SBN JSA was made for)."""
+    net = SBN(x_dim=6, z_dim=3)
+    data = torch.bernoulli(torch.full((10, 6), 0.3, dtype=torch.float64))
+    jsa = JSA(num_data=10, num_particles=3)
+
+    def batch(i):
+        idx = torch.arange(5) + 5 * (i % 2)
+        return data[idx], idx, 10
+
+    return net.double().model, net.guide, jsa, batch
+
+
+def _mixed_model(x, idx):
+    mu = pyro.sample("mu", dist.Normal(x.new_tensor(0.0), 3.0))
+    with pyro.plate("data", 8, subsample=idx):
+        z = pyro.sample("z", dist.Normal(mu, 1.0))
+        pyro.sample("x", dist.Normal(z, 0.5), obs=x)
+
+
+def _mixed_guide(x, idx):
+    m = pyro.param("m", x.new_tensor(0.0))
+    s = pyro.param("s", x.new_tensor(1.0), constraint=constraints.positive)
+    pyro.sample("mu", dist.Normal(m, s))
+    with pyro.plate("data", 8, subsample=idx):
+        pyro.sample("z", dist.Normal(pyro.param("a", x.new_zeros(8))[idx], 1.0))
+
+
+def _mixed_case():
+    """Local and global chains (two blocks)."""
+    data = torch.randn(8, dtype=torch.float64)
+    jsa = JSA(num_data=8, num_particles=3)
+
+    def batch(i):
+        idx = torch.arange(4) + 4 * (i % 2)
+        return data[idx], idx
+
+    return _mixed_model, _mixed_guide, jsa, batch
+
+
+def _global_case():
+    """One global chain (num_data=None, as Eight Schools), a warm-up phase, its history."""
+    data = torch.randn(8, dtype=torch.float64)
+    jsa = JSA(num_particles=3, warmup_without_cache=3, record_history=True)
+    return _mixed_model, _mixed_guide, jsa, lambda i: (data, torch.arange(8))
+
+
+def _compiled_run(case, compile, steps, start=None):
+    """``steps`` make_step steps of a case; ``start``: a state to resume from."""
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    model, guide, jsa, batch = case()
+    optim = pyro.optim.Adam({"lr": 0.05})
+    step = make_step(model, guide, optim, jsa, compile=compile)
+    first = 0
+    if start is not None:
+        first, params, optim_state, chains, rng = start
+        pyro.get_param_store().set_state(params)
+        optim.set_state(optim_state)
+        jsa.load_state_dict(chains)
+        set_rng_state(rng)
+    else:
+        pyro.set_rng_seed(1)
+    losses = [step(*batch(i)) for i in range(first, first + steps)]
+    state = (
+        first + steps,
+        copy.deepcopy(pyro.get_param_store().get_state()),
+        copy.deepcopy(optim.get_state()),
+        copy.deepcopy(jsa.state_dict()),
+        get_rng_state(),
+    )
+    return losses, jsa, state
+
+
+def _assert_same_state(want, got, tol=1e-10):
+    for name, value in want[1]["params"].items():
+        torch.testing.assert_close(got[1]["params"][name], value, atol=tol, rtol=tol)
+    for name, value in want[3].items():
+        if torch.is_tensor(value):
+            torch.testing.assert_close(got[3][name], value, atol=tol, rtol=tol, msg=name)
+
+
+@pytest.mark.parametrize("case", [_sbn_case, _global_case], ids=["sbn", "global"])
+def test_compiled_steps_equal_eager(case):
+    """Under make_step JSA's step (moves, transitions, gradient) is one compiled program per
+    phase (warm-up, cached), captured after the first step creates the chains; it draws what
+    the eager step draws (Bernoulli latents included), so losses, parameters, chains,
+    acceptance statistics and history agree to float rounding."""
+    eager_losses, eager_jsa, eager = _compiled_run(case, False, 7)
+    losses, jsa, compiled = _compiled_run(case, True, 7)
+    assert losses == pytest.approx(eager_losses, rel=1e-10, abs=1e-10)
+    _assert_same_state(eager, compiled)
+    phases = 1 + (jsa.warmup_without_cache > 1)  # the first step is eager, then one per phase
+    assert len(jsa._compiled.programs) == phases and not jsa._compiled.eager_keys
+    if jsa.record_history:
+        torch.testing.assert_close(jsa.history()["mu"], eager_jsa.history()["mu"])
+
+
+def test_compiled_local_and_global_chains_never_give_another_number():
+    """With local and global chains a step draws every site in each block's pass: Inductor
+    may schedule these independent draws in another order than eager, which the first-call
+    check catches (the program is dropped with one warning). Either way the steps are the
+    eager steps."""
+    eager_losses, _, eager = _compiled_run(_mixed_case, False, 5)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "JSA: compile=True falls back", UserWarning)
+        losses, jsa, compiled = _compiled_run(_mixed_case, True, 5)
+    assert losses == pytest.approx(eager_losses, rel=1e-10, abs=1e-10)
+    _assert_same_state(eager, compiled)
+    assert jsa._compiled.programs or jsa._compiled.eager_keys  # a program was captured
+
+
+def test_compiled_resume_is_exact():
+    """A compiled run stopped after 4 steps and resumed from its state (parameters, Adam
+    state, chains, random state; not the program) takes the uninterrupted run's steps."""
+    whole, _, end = _compiled_run(_global_case, True, 7)
+    first, _, middle = _compiled_run(_global_case, True, 4)
+    rest, _, resumed = _compiled_run(_global_case, True, 3, start=middle)
+    assert first + rest == pytest.approx(whole, rel=1e-12, abs=1e-12)
+    _assert_same_state(end, resumed, tol=1e-12)

@@ -77,7 +77,7 @@ class ChainUpdate:
     indices: torch.Tensor | None
     values: dict[str, torch.Tensor]
     specs: dict[str, SiteSpec]
-    rates: dict[str, float]
+    rates: dict[str, torch.Tensor]  # mean acceptance probability per block (0-dim)
     history: list[dict[str, torch.Tensor]] = field(default_factory=list)
     traces: tuple = ()
 
@@ -104,8 +104,10 @@ def from_slots(
     value = value.reshape((value.shape[0], *value.shape[1 + drop :]))
     if layout.kind == LOCAL:
         value = value.movedim(1 + layout.data_pos, 1)
+        if slot.dim() == 0:  # indexing by a 0-dim tensor reads its value: gather instead
+            slot = slot.expand(value.shape[1])
         return value[slot, torch.arange(value.shape[1], device=value.device)]
-    return value[slot]
+    return value[slot.reshape(-1)].reshape(slot.shape + value.shape[1:])
 
 
 class ChainStore(nn.Module):
@@ -177,15 +179,16 @@ class ChainStore(nn.Module):
             )
 
     def indices(
-        self, subsamples: dict[str, torch.Tensor], frame: CondIndepStackFrame
+        self, subsamples: dict[str, torch.Tensor], frame: CondIndepStackFrame, check: bool = True
     ) -> torch.Tensor:
-        """The local chains of this step: the data plate's subsample indices, checked."""
+        """The local chains of this step: the data plate's subsample indices, checked (unless
+        ``check=False``: a traced step, whose values are not known)."""
         indices = subsamples.get(frame.name)
         if indices is None:
             raise ValueError(f"data plate '{frame.name}' was not entered by the guide or model")
         indices = torch.as_tensor(indices).reshape(-1)
         num_data = len(self.initialized)
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_data):
+        if check and indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_data):
             raise ValueError(
                 f"subsample indices of data plate '{frame.name}' must lie in "
                 f"[0, {num_data}), actual range [{int(indices.min())}, {int(indices.max())}]"
@@ -224,7 +227,7 @@ class ChainStore(nn.Module):
                 self._last_acceptance[i] = rate
                 self._acceptance[i] = ACCEPTANCE_DECAY * self._acceptance[i] + rate
                 self._acceptance_norm[i] = ACCEPTANCE_DECAY * self._acceptance_norm[i] + 1.0
-        self._history.extend(update.history)
+        self._history.extend({n: v.cpu() for n, v in h.items()} for h in update.history)
 
     # ------------------------------------------------------------------------------------------
     # Diagnostics
@@ -408,10 +411,22 @@ class ChainView:
     :param ChainStore store: the chains.
     :param frame: the data plate (``None``: global chains only).
     :param bool warm: whether this step restarts every chain from a fresh draw.
+    :param bool global_ready: whether the global chain continues from its state (it has one
+        and ``warm`` is false).
+    :param bool traced: a traced step: the values are not known, so nothing is read from
+        them (the subsample indices are not checked).
     """
 
-    def __init__(self, store: ChainStore, frame: CondIndepStackFrame | None, warm: bool) -> None:
+    def __init__(
+        self,
+        store: ChainStore,
+        frame: CondIndepStackFrame | None,
+        warm: bool,
+        global_ready: bool,
+        traced: bool = False,
+    ) -> None:
         self.store, self.frame, self.warm = store, frame, warm
+        self.global_ready, self.traced = global_ready, traced
         self.subsamples: dict[str, torch.Tensor] = {}
         self.values: dict[str, torch.Tensor] = {}
         self.initialized: dict[str, torch.Tensor | bool] = {}
@@ -421,7 +436,7 @@ class ChainView:
     def indices(self) -> torch.Tensor | None:
         """The data plate's subsample indices in this step (``None`` without a data plate)."""
         if self._indices is None and self.frame is not None:
-            self._indices = self.store.indices(self.subsamples, self.frame)
+            self._indices = self.store.indices(self.subsamples, self.frame, not self.traced)
         return self._indices
 
     def current(self, name: str, spec: SiteSpec) -> tuple[torch.Tensor | None, Any]:
@@ -439,7 +454,7 @@ class ChainView:
                 self.initialized[name] = torch.zeros_like(init) if self.warm else init
             else:
                 self.values[name] = buf
-                self.initialized[name] = bool(store.global_initialized) and not self.warm
+                self.initialized[name] = self.global_ready
         return self.values[name], self.initialized[name]
 
 

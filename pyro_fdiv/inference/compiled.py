@@ -26,7 +26,10 @@ the default here) it calls the same ATen random ops on the global generator, in 
 eager run calls them, so a compiled step draws what the eager step draws after the same seed
 (the equality tests rely on it; exact resumes from checkpoints do too);
 ``{"options": {"fallback_random": False}}`` uses Inductor's own generator (seeded from the
-global one: reproducible under ``pyro.set_rng_seed``, but other draws).
+global one: reproducible under ``pyro.set_rng_seed``, but other draws). The capture records
+every random op as an opaque, ordered call of the eager kernel
+(:mod:`pyro_fdiv.inference.eager_random`): Inductor would otherwise rewrite some (Bernoulli as
+``rand() < p``) and schedule independent draws in another order than the eager run's.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils import _pytree
 
 from pyro_fdiv.checkpoint import get_rng_state, set_rng_state
+from pyro_fdiv.inference.eager_random import EAGER_RANDOM
 
 __all__ = ["Compilable", "CompiledLoss", "Step", "TraceFailure", "can_compile", "make_step"]
 
@@ -365,7 +369,12 @@ def capture(
     inputs = [*flat_inputs(params), *flat_inputs(state), *buffers, *extras, *tensors]
     with _tracing(), quiet_compile():
         try:
-            gm = make_fx(program, tracing_mode="fake", _allow_non_fake_inputs=True)(*inputs)
+            gm = make_fx(
+                program,
+                decomposition_table=EAGER_RANDOM,
+                tracing_mode="fake",
+                _allow_non_fake_inputs=True,
+            )(*inputs)
         except Exception as error:  # any failure to trace means: run eagerly
             raise TraceFailure(f"{type(error).__name__}: {_first_line(error)}") from error
     leaked = _leaked_parameters(gm, store)
@@ -1253,8 +1262,7 @@ def make_step(
         f-divergence bound's guide steps and spread schedule, the critics of
         :class:`~pyro_fdiv.inference.FGANBound` and :class:`~pyro_fdiv.inference.AVB`, the
         chains of :class:`~pyro_fdiv.inference.JSA`) runs ``SVI.step``, its gradient steps
-        compiled as by its own ``compile=True`` (which this turns on); one without a compiled
-        path (``JSA``) runs eagerly, with one warning.
+        compiled as by its own ``compile=True`` (which this turns on).
     :param bool compile: compile the step (default) or run ``SVI.step``.
     :param dict compile_options: keyword arguments of ``torch.compile``; by default
         ``{"options": {"fallback_random": True}}`` (draws equal to eager ones; see the module

@@ -13,6 +13,7 @@ from pyro.infer.elbo import ELBO
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.indep_messenger import CondIndepStackFrame
 from pyro.poutine.trace_struct import Trace
+from torch.utils import _pytree
 
 from pyro_fdiv.inference import mis
 from pyro_fdiv.inference.chains import (
@@ -29,6 +30,7 @@ from pyro_fdiv.inference.chains import (
     is_delta,
     site_layout,
 )
+from pyro_fdiv.inference.compiled import Compilable
 from pyro_fdiv.inference.importance import (
     LogWeights,
     SiteError,
@@ -69,7 +71,7 @@ def _latent_sites(trace: Trace) -> dict[str, dict]:
     return {name: site for name, site in sample_sites(trace).items() if not site["is_observed"]}
 
 
-class JSA(ELBO, ChainStore):
+class JSA(ELBO, ChainStore, Compilable):
     r"""
     Joint stochastic approximation (JSA) of Xu and Ou [1, 2]: maximum likelihood for the model
     together with the *inclusive* KL for the guide,
@@ -143,6 +145,14 @@ class JSA(ELBO, ChainStore):
     recorded states (``record_history=True``), :attr:`acceptance_rate` a running average of the
     acceptance probability per block.
 
+    **Compiled** (``compile=True``; :func:`~pyro_fdiv.inference.make_step` turns it on): once
+    the chains exist (after the first step), a step's moves, Metropolis transitions and
+    gradient are one compiled program (:mod:`pyro_fdiv.inference.compiled`) whose inputs are
+    the parameters, the arguments and the chains' buffers, and whose outputs are the loss, the
+    gradients and the accepted states, written to the cache after it as in the eager step. It
+    draws what the eager step draws after the same seed (Bernoulli latents included), so both
+    paths take the same steps. One program per phase (``warmup_without_cache`` and after).
+
     The returned loss value is the surrogate :math:`-\frac{N}{B}\sum_n [\log p_\theta(x_n, z_n)
     + \log q_\phi(z_n \mid x_n)]` itself, not a bound on :math:`\log p_\theta(x)`; estimate
     that with :class:`~pyro_fdiv.inference.IWAE` (``num_particles`` large) for monitoring.
@@ -193,6 +203,8 @@ class JSA(ELBO, ChainStore):
         :meth:`differentiable_loss` raise a ``ValueError`` naming the model and guide sites whose
         log-densities are not finite whenever the loss is not finite; ``False`` skips the check
         (no device synchronization in :meth:`differentiable_loss`).
+    :param bool compile: run :meth:`loss_and_grads` as a compiled program (see above).
+    :param dict compile_options: keyword arguments of ``torch.compile``.
 
     **References**
 
@@ -225,6 +237,8 @@ class JSA(ELBO, ChainStore):
         retain_graph: bool | None = None,
         validation: str = "first",
         check_finite: bool = True,
+        compile: bool = False,
+        compile_options: dict | None = None,
     ) -> None:
         check_finite = check_flag("check_finite", check_finite)
         if num_data is not None:
@@ -257,6 +271,10 @@ class JSA(ELBO, ChainStore):
         self.check_finite = check_finite
         self._given_max_plate_nesting = max_plate_nesting
         self._prototype: _Prototype | None = None  # data plate frame and blocks (derived)
+        self._init_compile(compile, compile_options)
+        self._update: ChainUpdate | None = None  # the last eager step's, written after it
+        self._phase_now: tuple[bool, bool] = (False, False)  # of the next compiled step
+        self._aux_spec: _pytree.TreeSpec | None = None  # a compiled step's outputs' structure
 
     # ------------------------------------------------------------------------------------------
     # Pyro's ELBO interface
@@ -294,11 +312,10 @@ class JSA(ELBO, ChainStore):
         :raises ValueError: naming the sites involved if the loss is not finite (with
             ``check_finite``).
         """
-        step = self._step(model, guide, args, kwargs, grad=True)
-        value = self._checked(step)
-        if step.loss.requires_grad:
-            step.loss.backward(retain_graph=self.retain_graph)
-        self.write(step)
+        self._update = None
+        value, _ = self._grads(model, guide, args, kwargs)
+        update, self._update = self._update, None
+        self.write(update if update is not None else self._compiled_update(value))
         return value
 
     def commit(self) -> None:
@@ -318,7 +335,7 @@ class JSA(ELBO, ChainStore):
         """
         step = self._step(model, guide, args, kwargs, grad=False)
         self.write(step)
-        return step.rates
+        return {block: float(rate) for block, rate in step.rates.items()}
 
     def _get_trace(self, model, guide, args, kwargs):
         """The model and guide traces of the last run of one step (Pyro's ``ELBO``
@@ -465,21 +482,29 @@ class JSA(ELBO, ChainStore):
                 "support, and log_prob implemented)."
             ) from error.__cause__
 
-    def _step(self, model, guide, args, kwargs, grad: bool) -> ChainUpdate:
+    def _step(self, model, guide, args, kwargs, grad: bool, traced: bool = False) -> ChainUpdate:
+        """One step's moves, not written. ``traced``: the step a compiled program captures,
+        which reads no value (its settings come from :meth:`_program_key`)."""
         if self._prototype is None:
             self._prototype = self._discover(model, guide, args, kwargs)
         validate = is_validation_enabled() and (self.validation == "always" or not self._specs)
+        settings = self._phase_now if traced else self._phase()
+        view = ChainView(self, self._prototype["frame"], *settings, traced=traced)
         with pyro.validation_enabled(validate):
-            return self._moves(model, guide, args, kwargs, grad)
+            return self._moves(model, guide, args, kwargs, grad, view)
 
-    def _moves(self, model, guide, args, kwargs, grad: bool) -> ChainUpdate:
+    def _phase(self) -> tuple[bool, bool]:
+        """Whether the next step restarts the chains (``warmup_without_cache``), and whether
+        the global chain continues from its state."""
+        warm = int(self.num_steps) < self.warmup_without_cache
+        return warm, bool(self.global_initialized) and not warm
+
+    def _moves(self, model, guide, args, kwargs, grad: bool, view: ChainView) -> ChainUpdate:
         assert self._prototype is not None  # set by _step
         slots = 1 + self.num_particles
         blocks = self._prototype["blocks"]
-        warm = int(self.num_steps) < self.warmup_without_cache
-        view = ChainView(self, self._prototype["frame"], warm)
         history: list[dict[str, torch.Tensor]] = []
-        rates: dict[str, list[float]] = {b: [] for b in blocks}
+        rates: dict[str, list[torch.Tensor]] = {b: [] for b in blocks}
         specs: dict[str, SiteSpec] | None = None
         loss: torch.Tensor | None = None
         for move in range(self.num_moves):
@@ -497,7 +522,7 @@ class JSA(ELBO, ChainStore):
             view.indices,
             view.values,
             specs,
-            {b: sum(r) / len(r) for b, r in rates.items()},
+            {b: torch.stack(r).mean() for b, r in rates.items()},
             history,
             (weights.model_trace, weights.guide_trace),
         )
@@ -514,9 +539,10 @@ class JSA(ELBO, ChainStore):
         self.check_sites(specs)
         return specs
 
-    def _terms(self, weights: LogWeights, slots: int, block: str):
+    def _terms(self, weights: LogWeights, slots: int, block: str, check: bool):
         """Per-slot log-densities of model (``"p"``) and guide (``"q"``): ``(local, global)``
-        with local ``(slots, B)`` (subsample scale divided out) and global ``(slots,)``."""
+        with local ``(slots, B)`` (subsample scale divided out) and global ``(slots,)``;
+        ``check``: that the guide scores the chains' states."""
         terms = {}
         for role, trace, site_terms in (
             ("p", weights.model_trace, weights.model_terms),
@@ -529,7 +555,8 @@ class JSA(ELBO, ChainStore):
                 log_p = log_p.expand((slots, *log_p.shape[1:]))
                 if layout.kind == GLOBAL:
                     log_p = log_p.reshape(slots)
-                if role == "q" and layout.kind == block and not is_delta(sites[name]["fn"]):
+                scored = role == "q" and layout.kind == block and not is_delta(sites[name]["fn"])
+                if check and scored:
                     self._check_scored(name, log_p[0])
                 if layout.kind == LOCAL:
                     local = log_p if local is None else local + log_p
@@ -553,7 +580,7 @@ class JSA(ELBO, ChainStore):
         """Metropolis transitions of ``block`` from a run's per-slot log-densities; moves
         ``view`` to the final states and returns the surrogate loss at the visited states
         (``None`` unless ``last``)."""
-        terms, scale = self._terms(weights, slots, block)
+        terms, scale = self._terms(weights, slots, block, check=not view.traced)
         (p_local, p_global), (q_local, q_global) = terms["p"], terms["q"]
         if block == LOCAL:
             log_w = p_local.detach() - (0.0 if q_local is None else q_local.detach())
@@ -571,7 +598,7 @@ class JSA(ELBO, ChainStore):
         positions = torch.arange(1, slots, device=device)
         positions = positions.reshape((-1,) + (1,) * len(batch_shape)).expand(log_w[1:].shape)
         final, info = mis.step_many(start, mis.MISState(positions, log_w[1:]))
-        rates[block].append(float(info.acceptance_rate.float().mean()))
+        rates[block].append(info.acceptance_rate.mean())
         # the state after transition k is the last proposal accepted up to k (0: the start)
         visited = torch.where(info.is_accepted, positions, 0).cummax(dim=0).values
         sites = _latent_sites(weights.guide_trace)
@@ -591,7 +618,7 @@ class JSA(ELBO, ChainStore):
         if block == GLOBAL and self.record_history:
             history.append(
                 {
-                    name: from_slots(site["value"], layout, visited, mpn).detach().cpu()
+                    name: from_slots(site["value"], layout, visited, mpn).detach()
                     for name, site in sites.items()
                     if (layout := self._layout(name, site)).kind == GLOBAL
                 }
@@ -626,6 +653,56 @@ class JSA(ELBO, ChainStore):
             "JSA",
             traces={"model": model_trace, "guide": guide_trace},
             check_finite=self.check_finite,
+        )
+
+    # the compiled path's protocol (pyro_fdiv.inference.compiled.Compilable): one part, whose
+    # program also returns the accepted states, written by loss_and_grads
+    def _eager_grads(self, model, guide, args, kwargs, part=""):
+        step = self._step(model, guide, args, kwargs, grad=True)
+        value = self._checked(step)
+        if step.loss.requires_grad:
+            step.loss.backward(retain_graph=self.retain_graph)
+        self._update = step
+        return value, None
+
+    def _traced_loss(self, model, guide, args, kwargs, part=""):
+        step = self._step(model, guide, args, kwargs, grad=True, traced=True)
+        indices = () if step.indices is None else (step.indices,)  # no data plate: none
+        written = (indices, step.values, step.rates, step.history)
+        leaves, self._aux_spec = _pytree.tree_flatten(written)
+        return step.loss, None, tuple(leaves)
+
+    def _compiled_update(self, value: float) -> ChainUpdate:
+        """The accepted states of the compiled step that just ran (its auxiliary outputs)."""
+        assert self._compiled is not None and self._compiled.aux is not None
+        assert self._aux_spec is not None  # set when the program was traced
+        indices, values, rates, history = _pytree.tree_unflatten(
+            list(self._compiled.aux), self._aux_spec
+        )
+        index = indices[0] if indices else None
+        return ChainUpdate(torch.tensor(value), index, values, self._specs, rates, history)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_update"] = None
+        state["_aux_spec"] = None  # the compiled programs' (which are not pickled)
+        return state
+
+    def _program_key(self, part: str) -> tuple | None:
+        if not self._specs:  # the first write creates the chains: until then, eager
+            return None
+        self._phase_now = self._phase()
+        return (*self._phase_now, tuple(self._buffer_names.items()))
+
+    def _program_modules(self) -> list[torch.nn.Module]:
+        return [self]  # the chains: read afresh on every call
+
+    def _raise_non_finite(self, value, model, guide, args, kwargs, part="") -> None:
+        with torch.no_grad():  # the same draw, eagerly: the check names the sites
+            self._checked(self._step(model, guide, args, kwargs, grad=False))
+        raise ValueError(
+            f"JSA: the compiled loss is {value}, but the same draw's loss is finite eagerly: "
+            "the compiled program's arithmetic overflowed. Run with compile=False, or in float64."
         )
 
     # the inner-training convention (pyro_fdiv.inference.inner.InnerTraining); .to() is
