@@ -220,6 +220,27 @@ def test_checkpoint_resume_is_exact(tmp_path):
     assert resumed == pytest.approx(straight, rel=1e-12, abs=1e-12)
 
 
+def test_a_new_autoguide_beside_other_parameters_equals_svi():
+    """With other parameters in the store (another guide trained in this process),
+    make_step's first step must not dry-run an autoguide that has not run yet: stopped at
+    its first new parameter it was left half set up ("'PyroModule' object has no attribute
+    'mu_unconstrained'"). It steps as SVI does."""
+    runs = []
+    for compiled in (False, True):
+        pyro.clear_param_store()
+        pyro.param("other_guide.loc", torch.zeros(3))
+        guide = AutoNormal(eight_schools.model)
+        optim = pyro.optim.Adam({"lr": 0.05})
+        objective = IWAE(num_particles=2, max_plate_nesting=1)  # no guess: a first guide run
+        step = make_step(eight_schools.model, guide, optim, objective,
+                         compile=compiled, compile_options=AOT_EAGER)  # fmt: skip
+        pyro.set_rng_seed(0)
+        losses = [step() for _ in range(3)]
+        params = {n: p.detach().clone() for n, p in pyro.get_param_store()._params.items()}
+        runs.append((losses, params))
+    assert_same(runs[0], runs[1], 1e-10)
+
+
 def test_guide_median_and_a_later_svi_see_the_parameters():
     def model():
         pyro.sample("m", dist.Normal(torch.tensor(1.0), 1.0))

@@ -47,6 +47,7 @@ import pyro.infer.trace_mean_field_elbo
 import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer.autoguide import AutoGuide, AutoMessenger
 from pyro.optim import PyroOptim
 from pyro.optim.clipped_adam import ClippedAdam
 from pyro.poutine.messenger import Messenger
@@ -57,12 +58,18 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils import _pytree
 
 from pyro_fdiv.checkpoint import get_rng_state, set_rng_state
-from pyro_fdiv.inference.eager_random import EAGER_RANDOM
+from pyro_fdiv.inference.eager_random import recording
 
 __all__ = ["Compilable", "CompiledLoss", "Step", "TraceFailure", "can_compile", "make_step"]
 
 #: Options passed to ``torch.compile`` unless overridden by ``compile_options``.
 DEFAULT_OPTIONS: dict[str, Any] = {"options": {"fallback_random": True}}
+
+
+#: Inductor's options tried in turn when a program's first call disagrees with the eager step:
+#: no SIMD (Inductor's vectorized CPU code gave NaN for ``AutoMultivariateNormal`` with DReG at
+#: K >= 16 where eager is finite; without SIMD it agrees).
+RECOMPILE_OPTIONS: tuple[dict[str, Any], ...] = ({"cpp.simdlen": 1},)
 
 
 #: Most programs kept per objective or step (one per key: argument shapes, parameters, ...).
@@ -367,11 +374,11 @@ def capture(
 
     extras = [table[name].detach() for table, name in extra_slots]
     inputs = [*flat_inputs(params), *flat_inputs(state), *buffers, *extras, *tensors]
-    with _tracing(), quiet_compile():
+    with _tracing(), quiet_compile(), recording() as eager_random:
         try:
             gm = make_fx(
                 program,
-                decomposition_table=EAGER_RANDOM,
+                decomposition_table=eager_random,
                 tracing_mode="fake",
                 _allow_non_fake_inputs=True,
             )(*inputs)
@@ -630,11 +637,10 @@ class _ProgramCache:
         """
         Run ``program``. Its first call is checked against the eager loss of the same draw
         (with the same random numbers, else only whether both are finite): a backend that
-        miscompiles (Inductor's vectorized CPU code has returned NaN where the eager loss is
-        finite) must not return a wrong number. On a mismatch the writes are undone; Inductor
-        compiles the graph again without SIMD (``cpp.simdlen=1``), and if that disagrees too
-        the program is dropped: returns ``None``, and the caller runs the step eagerly, as for
-        every later call with this key. Each outcome warns once.
+        miscompiles must not return a wrong number. On a mismatch the writes are undone and
+        Inductor compiles the graph again with each of :data:`RECOMPILE_OPTIONS` in turn; if
+        every one disagrees the program is dropped: returns ``None``, and the caller runs the
+        step eagerly, as for every later call with this key. Each outcome warns once.
         """
         if program.checked:
             return program.fn(*inputs)
@@ -644,26 +650,26 @@ class _ProgramCache:
         rng = torch.get_rng_state()
         saved = [t.detach().clone() for t in writes]
         got = got_first = math.nan
-        for retry in (False, True):
-            if retry:
+        for retry in (None, *RECOMPILE_OPTIONS):
+            if retry is not None:
                 _restore(writes, saved)
                 torch.set_rng_state(rng)
                 options = dict(self.compile_options or {})
-                options["options"] = {**(options.get("options") or {}), "cpp.simdlen": 1}
+                options["options"] = {**(options.get("options") or {}), **retry}
                 program.fn = compile_graph(program.captured.graph, program.captured.inputs, options)
             out = program.fn(*inputs)
             got = out[0].item()
             if self._agree(got, want):
                 program.checked = True
-                if retry:
+                if retry is not None:
                     _warn_eager(
                         self.owner,
-                        f"its vectorized program gave the loss {got_first} where the eager step "
-                        f"gives {want}; compiled again without SIMD (cpp.simdlen=1), it agrees",
+                        f"its program gave the loss {got_first} where the eager step gives "
+                        f"{want}; compiled again with Inductor's options {retry}, it agrees",
                         fallback=False,
                     )
                 return out
-            got_first = got
+            got_first = got_first if retry is not None else got
             if not self.inductor:
                 break
         _restore(writes, saved)
@@ -1170,7 +1176,7 @@ class Step(_ProgramCache):
         optimizer; ``None`` when a parameter or an optimizer would be created (then the first
         step is eager)."""
         store = pyro.get_param_store()
-        if not store._params:
+        if not store._params or _unprepared(self.model, self.guide):
             return None
         outer = list(_PYRO_STACK)
         del _PYRO_STACK[:]
@@ -1209,6 +1215,21 @@ class Step(_ProgramCache):
             self.optim(params)
             pyro.infer.util.zero_grads(set(params))
         return value
+
+
+def _unprepared(*fns: Any) -> bool:
+    """Whether an autoguide among ``fns`` has not run yet. Its first call creates its
+    parameters inside ``PyroModule`` attribute assignments: a dry run stopped at the first new
+    parameter would leave it half set up (a ``PyroParam`` registered without its value)."""
+    for fn in fns:
+        while isinstance(fn, functools.partial):
+            fn = fn.func
+        owner = getattr(fn, "__self__", fn)
+        if isinstance(owner, AutoGuide) and getattr(owner, "prototype_trace", None) is None:
+            return True
+        if isinstance(owner, AutoMessenger) and next(owner.parameters(), None) is None:
+            return True
+    return False
 
 
 def _whole_step_refusal(loss) -> str | None:

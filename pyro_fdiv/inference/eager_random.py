@@ -13,24 +13,29 @@ the global generator, but that is not enough:
 
 So :func:`capture <pyro_fdiv.inference.compiled.capture>` records every random ATen op of the
 model, guide and objective as one opaque op, ``pyro_fdiv::draw``, that runs the ATen kernel
-eagerly and is registered as an *ordered effect* (``torch.library._register_effectful_op``):
-AOTAutograd threads a token through these calls, so Inductor keeps them in program order, and
-never removes one whose value is unused (the eager run draws it too). The call is described
+eagerly. Each call takes the previous call's output as an input it does not read: a data
+dependency, so no compiler pass can run them in another order (Inductor was seen to reorder
+them even when registered as an ordered effect). The op is also registered as an effect
+(``torch.library._register_effectful_op``), so a draw whose value is unused is never removed
+(the eager run draws it too). The call is described
 by a JSON string (op, overload, non-tensor arguments), so a program cached on disk by Inductor
 runs in another process too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch._library.effects import EffectType
+from torch._prims_common import is_non_overlapping_and_dense_or_false
 
-__all__ = ["EAGER_RANDOM"]
+__all__ = ["EAGER_RANDOM", "recording"]
 
 #: ATen random ops recorded as ``pyro_fdiv::draw`` (their overloads without ``out=`` or an
 #: explicit generator, returning one tensor).
@@ -95,15 +100,16 @@ def _decode(value: Any, tensors: list[torch.Tensor]) -> Any:
 @functools.lru_cache(maxsize=4096)
 def _plan(call: str) -> Callable[[list[torch.Tensor]], torch.Tensor]:
     """The function of a call's description: the op with its arguments, the tensors passed
-    in. An in-place op fills a new tensor like its input (these ops do not read its
-    values), so the inputs are never written."""
-    name, overload, args, kwargs = json.loads(call)
+    in, laid out as in the eager run (:func:`_as_traced`). An in-place op fills a new tensor
+    with its input's eager layout (these ops do not read its values), so the inputs are
+    never written."""
+    name, overload, args, kwargs, strides = json.loads(call)
     op = getattr(getattr(torch.ops.aten, name), overload)
     inplace = name.endswith("_")
     top = [(i, a["tensor"]) for i, a in enumerate(args) if isinstance(a, dict) and "tensor" in a]
     rest = [a for i, a in enumerate(args) if i not in dict(top)]
     if '"tensor"' in json.dumps([rest, kwargs]):  # tensors in lists or keywords: decode each call
-        return functools.partial(_generic, op, args, kwargs, inplace)
+        return functools.partial(_generic, op, args, kwargs, inplace, strides)
     template: list[Any] = [
         None if isinstance(a, dict) and "tensor" in a else _decode(a, []) for a in args
     ]
@@ -112,34 +118,67 @@ def _plan(call: str) -> Callable[[list[torch.Tensor]], torch.Tensor]:
     def run(tensors: list[torch.Tensor]) -> torch.Tensor:
         values = list(template)
         for i, j in top:
-            values[i] = tensors[j]
-        if inplace:
-            values[0] = torch.empty_like(values[0])
+            values[i] = _as_traced(tensors[j], strides[j], inplace and i == 0)
         return op(*values, **options)
 
     return run
 
 
-def _generic(op, args, kwargs, inplace: bool, tensors: list[torch.Tensor]) -> torch.Tensor:
+def _generic(op, args, kwargs, inplace, strides, tensors: list[torch.Tensor]) -> torch.Tensor:
+    first = tensors[0] if inplace else None
+    tensors = [_as_traced(t, st, t is first) for t, st in zip(tensors, strides, strict=True)]
     args = _decode(args, tensors)
     kwargs = {key: _decode(value, tensors) for key, value in kwargs.items()}
-    if inplace:
-        args[0] = torch.empty_like(args[0])
     return op(*args, **kwargs)
 
 
-def _run(tensors: list[torch.Tensor], call: str) -> torch.Tensor:
-    """The ATen random op ``call`` describes, on ``tensors``, run eagerly."""
+def _as_traced(t: torch.Tensor, stride: list[int] | None, fresh: bool = False) -> torch.Tensor:
+    """``t`` with the strides it had in the eager run (``None``: it was not dense, e.g.
+    expanded, and the op's output is then contiguous): a random kernel fills its output in
+    memory order, and the output follows the input's layout, which a compiled program may
+    choose otherwise. ``fresh``: a new tensor of that layout (an in-place op's target)."""
+    if stride is None:
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device) if fresh else t.contiguous()
+    if fresh:
+        return torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device)
+    if list(t.stride()) == stride:
+        return t
+    return torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t)
+
+
+def _run(tensors: list[torch.Tensor], after: torch.Tensor, call: str) -> torch.Tensor:
+    """The ATen random op ``call`` describes, on ``tensors``, run eagerly; ``after`` (the
+    previous draw's output, not read) orders the calls."""
     return _plan(call)(tensors)
 
 
 # defined with torch.library.Library rather than custom_op: a call costs half as much
 _LIB = torch.library.Library("pyro_fdiv", "DEF")
-_LIB.define("draw(Tensor[] tensors, str call) -> Tensor")
+_LIB.define("draw(Tensor[] tensors, Tensor after, str call) -> Tensor")
 _LIB.impl("draw", _run, "CompositeExplicitAutograd")
 torch.library.register_fake("pyro_fdiv::draw", _run, lib=_LIB)  # the op's own meta function
 torch.library._register_effectful_op("pyro_fdiv::draw", EffectType.ORDERED, lib=_LIB)
 _draw = torch.ops.pyro_fdiv.draw.default
+
+
+class _Chain(threading.local):
+    """The last draw of the capture in progress on this thread (``None``: none yet)."""
+
+    last: torch.Tensor | None = None
+
+
+_CHAIN = _Chain()
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[dict[torch._ops.OpOverload, Callable]]:
+    """The decomposition table of one capture: each draw takes the previous one's output as
+    an input it does not read, a data dependency no compiler pass reorders."""
+    saved, _CHAIN.last = _CHAIN.last, None
+    try:
+        yield EAGER_RANDOM
+    finally:
+        _CHAIN.last = saved
 
 
 def _recorded(op: torch._ops.OpOverload) -> Callable:
@@ -153,13 +192,23 @@ def _recorded(op: torch._ops.OpOverload) -> Callable:
         tensors: list[torch.Tensor] = []
         try:
             encoded = {key: _encode(value, tensors) for key, value in kwargs.items()}
-            call = json.dumps([name, overload, _encode(args, tensors), encoded])
+            positional = _encode(args, tensors)
+            strides = [list(t.stride()) if _dense(t) else None for t in tensors]
+            call = json.dumps([name, overload, positional, encoded, strides])
         except _Unencodable:
             return NotImplemented
-        out = _draw(tensors, call)
-        return args[0].copy_(out) if inplace else out
+        after = _CHAIN.last if _CHAIN.last is not None else torch.empty(0)
+        out = _CHAIN.last = _draw(tensors, after, call)
+        if inplace:  # the input holds the draw too (in-place semantics); its users read out
+            args[0].copy_(out)
+        return out
 
     return record
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill its memory once each (no expanded dims, no gaps)."""
+    return is_non_overlapping_and_dense_or_false(t) if t.numel() > 1 else True
 
 
 def _table() -> dict[torch._ops.OpOverload, Callable]:
