@@ -1,6 +1,7 @@
 """Time one training step on small models: hand-written PyTorch (eager and compiled), pyro_fdiv
-eager and compiled (through SVI and make_step), Pyro's ELBOs; with the first-step (compile)
-time and the peak memory of a step.
+eager and compiled (through SVI and make_step), Pyro's ELBOs, and NumPyro's jitted SVI step
+(when jax and numpyro are installed); with the first-step (compile) time and the peak memory
+of a step.
 
 Run ``python benchmarks/bench_small_models.py --help``; see ``benchmarks/README.md``.
 """
@@ -8,6 +9,9 @@ Run ``python benchmarks/bench_small_models.py --help``; see ``benchmarks/README.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.metadata
+import importlib.util
 import math
 import os
 import statistics
@@ -19,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyro
 import pyro.distributions as dist
@@ -33,6 +38,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_vae_step  # the VAE, its data, its hand-written step and memory measure
 
+import pyro_fdiv
 from pyro_fdiv.inference import IWAE, make_step
 from pyro_fdiv.models import eight_schools
 
@@ -42,8 +48,11 @@ __all__ = [
     "Bench",
     "build_bench",
     "handwritten_step",
+    "import_jax",
     "main",
     "make_method",
+    "numpyro_initial_losses",
+    "numpyro_step",
     "run_block",
 ]
 
@@ -102,6 +111,8 @@ class Bench:
     lr: float
     #: an eager reference step other than the generic one (the VAE's, from bench_vae_step)
     handwritten_eager: Callable[[int], Step] | None = None
+    #: the same model and guide in NumPyro: ``() -> (model, guide, args)``, importing numpyro
+    numpyro_problem: Callable[[], tuple[Callable, Callable, tuple]] | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,6 +177,7 @@ def eight_schools_bench() -> Bench:
         init_params,
         lambda ps, k: _eight_schools_loss(ps, k, y, sigma),
         lr=0.01,
+        numpyro_problem=lambda: _numpyro_eight_schools(y, sigma),
     )
 
 
@@ -253,6 +265,7 @@ def logistic_bench() -> Bench:
         init_params,
         lambda ps, k: _logistic_loss(ps, k, x, y),
         lr=0.01,
+        numpyro_problem=lambda: _numpyro_logistic(x, y),
     )
 
 
@@ -344,6 +357,7 @@ def hierarchical_bench() -> Bench:
         init_params,
         lambda ps, k: _hierarchical_loss(ps, k, group, y),
         lr=0.01,
+        numpyro_problem=lambda: _numpyro_hierarchical(group, y),
     )
 
 
@@ -388,6 +402,9 @@ def vae_bench(data: Path | None = bench_vae_step.DEFAULT_DATA) -> Bench:
         loss,
         lr=bench_vae_step.LR,
         handwritten_eager=eager,
+        numpyro_problem=lambda: _numpyro_vae(
+            dict(zip(names, init.parameters(), strict=True)), x, init.encoder.min_scale
+        ),
     )
 
 
@@ -402,6 +419,262 @@ def build_bench(name: str) -> Bench:
     if name not in builders:
         raise ValueError(f"Expected model in {MODELS}, actual {name!r}")
     return builders[name]()
+
+
+# ----------------------------------------------------------------------------------------------
+# The same models and guides in NumPyro (the ``bench`` extra). jax and numpyro are imported
+# here only, on the first NumPyro step: CI does not install them, and XLA reads its flags and
+# sizes its thread pool when its CPU client is created.
+
+#: set before jax creates its CPU client when the script runs torch on one thread
+JAX_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+#: why the NumPyro rows have no peak memory
+NUMPYRO_PEAK_NOTE = (
+    "numpyro peak memory: n/a (XLA's buffers are not torch allocations, so torch.profiler does "
+    "not see them; jax's CPU device keeps no memory statistics, memory_stats() is None; and "
+    "Compiled.memory_analysis() reports 0 temporary bytes on CPU)"
+)
+
+
+_JAX_CLIENT: list[str] = []  # who created jax's CPU client: "ours" (import_jax) or "theirs"
+
+
+def _numpyro_available() -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in ("jax", "numpyro"))
+
+
+def _numpyro_versions() -> str:
+    """The installed numpyro and jax versions, without importing them."""
+    if not _numpyro_available():
+        return "numpyro not installed"
+    version = importlib.metadata.version
+    return f"numpyro {version('numpyro')}, jax {version('jax')}, jaxlib {version('jaxlib')}"
+
+
+def _jax_backend_ready() -> bool:
+    if "jax" not in sys.modules:
+        return False
+    from jax._src import xla_bridge
+
+    return bool(getattr(xla_bridge, "backends_are_initialized", lambda: True)())
+
+
+def _threads() -> set[int]:
+    return {int(task) for task in os.listdir(f"/proc/{os.getpid()}/task")}
+
+
+def import_jax(single_thread: bool):
+    """
+    Import jax on the CPU and create its client; with ``single_thread`` (the script's
+    ``--threads 1``, as torch runs) so that its programs run on one core.
+
+    :data:`JAX_XLA_FLAGS` go into ``XLA_FLAGS`` first, as issue 18 asks, but in jax 0.10 they do
+    not make XLA's CPU runtime single-threaded: ``--xla_cpu_multi_thread_eigen=false`` is
+    accepted and no longer limits it, and XLA ignores the bare ``intra_op_parallelism_threads=1``
+    (not a ``--`` flag); a jitted 1500² matmul still kept four threads busy on two cores. So the
+    client is created while this thread may run on one core only: XLA sizes its intra-op pool
+    by the cores the process may use (one thread), and the threads the client starts (that pool
+    and the thread that runs the programs) inherit that core and keep it, while the threads that
+    existed before (this one, torch's) get their affinity back. Where jax's client already
+    exists nothing changes (a printed note says so).
+    """
+    if _jax_backend_ready():
+        import jax
+
+        if not _JAX_CLIENT:  # created before this function ran
+            _JAX_CLIENT.append("theirs")
+            print("numpyro: jax's CPU client already exists; its threads are as it was created")
+        return jax
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    pin = single_thread and hasattr(os, "sched_setaffinity")
+    if single_thread and JAX_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {JAX_XLA_FLAGS}".strip()
+    import jax
+
+    allowed = os.sched_getaffinity(0) if pin else set()
+    ours = _threads() if pin else set()
+    if pin:
+        os.sched_setaffinity(0, {min(allowed)})
+    try:
+        platform = jax.devices("cpu")[0].platform
+    finally:
+        for task in ours:  # the client's threads keep the one core
+            with contextlib.suppress(OSError):  # a thread that has exited since
+                os.sched_setaffinity(task, allowed)
+    _JAX_CLIENT.append("ours")
+    pool = f"its threads on CPU {min(allowed)} only" if pin else "XLA's default threads"
+    print(
+        f"numpyro: jax {jax.__version__} on {platform}, {pool}, "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+    )
+    return jax
+
+
+def _numpyro_eight_schools(y: torch.Tensor, sigma: torch.Tensor):
+    """Non-centered Eight Schools, :func:`pyro_fdiv.models.eight_schools.model` in NumPyro."""
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as nd
+    from numpyro.infer.autoguide import AutoNormal
+    from numpyro.infer.initialization import init_to_feasible
+
+    def model(y, sigma):
+        mu = numpyro.sample("mu", nd.Normal(0.0, eight_schools.MU_SCALE))
+        tau = numpyro.sample("tau", nd.HalfCauchy(eight_schools.TAU_SCALE))
+        with numpyro.plate("schools", eight_schools.NUM_SCHOOLS):
+            theta_tilde = numpyro.sample("theta_tilde", nd.Normal(0.0, 1.0))
+            theta = numpyro.deterministic("theta", mu + tau * theta_tilde)
+            numpyro.sample("obs", nd.Normal(theta, sigma), obs=y)
+
+    guide = AutoNormal(model, init_loc_fn=init_to_feasible, init_scale=0.1)
+    return model, guide, (jnp.array(y.numpy()), jnp.array(sigma.numpy()))
+
+
+def _numpyro_logistic(x: torch.Tensor, y: torch.Tensor):
+    r"""
+    :func:`logistic_model` in NumPyro. The subsample is drawn by ``numpyro.plate("data", N,
+    subsample_size=256)`` (NumPyro's own draw, shared by all particles) and the likelihood sits
+    in a plate of size 256 scaled by ``N / 256``: ``RenyiELBO`` refuses a subsampled plate that
+    does not enclose every sample site ("RenyiELBO only supports subsampling in plates that are
+    common to all sample sites"), while the bound is the same nested one that ``IWAE`` and the
+    reference compute.
+    """
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as nd
+    from numpyro import handlers
+    from numpyro.infer.autoguide import AutoNormal
+    from numpyro.infer.initialization import init_to_feasible
+
+    def model(x, y):
+        n, d = x.shape
+        w = numpyro.sample("w", nd.Normal(jnp.zeros(d), 1.0).to_event(1))
+        b = numpyro.sample("b", nd.Normal(0.0, 1.0))
+        with numpyro.plate("data", n, subsample_size=LOGISTIC_B) as idx:
+            pass  # only draws the subsample: no site sits in this plate
+        with numpyro.plate("batch", LOGISTIC_B), handlers.scale(scale=n / LOGISTIC_B):
+            numpyro.sample("y", nd.Bernoulli(logits=x[idx] @ w + b), obs=y[idx])
+
+    guide = AutoNormal(model, init_loc_fn=init_to_feasible, init_scale=0.1)
+    return model, guide, (jnp.array(x.numpy()), jnp.array(y.numpy()))
+
+
+def _numpyro_hierarchical(group: torch.Tensor, y: torch.Tensor):
+    """:func:`hierarchical_model` in NumPyro, with ``AutoMultivariateNormal``."""
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as nd
+    from numpyro.infer.autoguide import AutoMultivariateNormal
+    from numpyro.infer.initialization import init_to_feasible
+
+    def model(group, y):
+        mu = numpyro.sample("mu", nd.Normal(0.0, 5.0))
+        tau = numpyro.sample("tau", nd.HalfCauchy(5.0))
+        sigma = numpyro.sample("sigma", nd.HalfNormal(1.0))
+        with numpyro.plate("groups", HIER_GROUPS):
+            theta = numpyro.sample("theta", nd.Normal(mu, tau))
+        with numpyro.plate("data", y.shape[0]):
+            numpyro.sample("y", nd.Normal(theta[group], sigma), obs=y)
+
+    guide = AutoMultivariateNormal(model, init_loc_fn=init_to_feasible, init_scale=0.1)
+    return model, guide, (jnp.array(group.numpy()), jnp.array(y.numpy()))
+
+
+def _numpyro_vae(params: dict[str, torch.Tensor], x: torch.Tensor, min_scale: float):
+    """
+    The VAE of ``bench_vae_step`` in NumPyro: the same 784-400-(20, 20) encoder and 20-400-784
+    decoder as plain jax functions of a parameter dict per network (``numpyro.param``), from
+    the same initial weights ``params`` (the torch names and ``(out, in)`` layouts).
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as nd
+
+    def network(prefix):
+        return {
+            name.removeprefix(prefix): jnp.array(value.detach().cpu().numpy())
+            for name, value in params.items()
+            if name.startswith(prefix)
+        }
+
+    encoder0, decoder0 = network("encoder."), network("decoder.")
+    z_dim = encoder0["fc_loc.bias"].shape[0]
+
+    def linear(p, name, inputs):
+        return inputs @ p[f"{name}.weight"].T + p[f"{name}.bias"]
+
+    def model(x):
+        p = numpyro.param("decoder", decoder0)
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", nd.Normal(jnp.zeros((x.shape[0], z_dim)), 1.0).to_event(1))
+            logits = linear(p, "fc_logits", jax.nn.relu(linear(p, "hidden.0", z)))
+            numpyro.sample("x", nd.Bernoulli(logits=logits).to_event(1), obs=x)
+
+    def guide(x):
+        p = numpyro.param("encoder", encoder0)
+        with numpyro.plate("data", x.shape[0]):
+            hidden = jax.nn.relu(linear(p, "hidden.0", x))
+            scale = jax.nn.softplus(linear(p, "fc_scale", hidden)) + min_scale
+            numpyro.sample("z", nd.Normal(linear(p, "fc_loc", hidden), scale).to_event(1))
+
+    return model, guide, (jnp.array(x.numpy()),)
+
+
+def _numpyro_svi(bench: Bench, num_particles: int):
+    jax = import_jax(single_thread=torch.get_num_threads() == 1)
+    import numpyro.infer
+    import numpyro.optim
+
+    if bench.numpyro_problem is None:
+        raise ValueError(f"Expected a NumPyro version of {bench.name}")
+    model, guide, args = bench.numpyro_problem()
+    elbo = numpyro.infer.RenyiELBO(alpha=0.0, num_particles=num_particles)
+    svi = numpyro.infer.SVI(model, guide, numpyro.optim.Adam(bench.lr), elbo)
+    return jax, svi, args
+
+
+def numpyro_step(bench: Bench, num_particles: int) -> Step:
+    """
+    NumPyro's training step on the same model and guide: ``numpyro.infer.SVI`` with
+    ``RenyiELBO(alpha=0, num_particles=K)`` (the IWAE bound, per data point where a plate
+    encloses every site as in the VAE; at K = 1 too, where it is the ELBO) and
+    ``numpyro.optim.Adam(lr)``, the step ``jax.jit(svi.update)``. The step blocks on the loss
+    and returns it as a float, as the torch steps return ``loss.item()``; its first call also
+    runs ``svi.init`` (the autoguide's prototype trace) and the compilation.
+    """
+    jax, svi, args = _numpyro_svi(bench, num_particles)
+    update = jax.jit(svi.update)
+    state = None
+
+    def step() -> float:
+        nonlocal state
+        if state is None:
+            state = svi.init(jax.random.PRNGKey(0), *args)
+        state, loss = update(state, *args)
+        return float(loss.block_until_ready())
+
+    return step
+
+
+def numpyro_initial_losses(bench: Bench, num_particles: int, draws: int, seed: int = 0):
+    """
+    ``draws`` independent estimates of NumPyro's loss (the negated IWAE bound) at the guide's
+    initial parameters, as a numpy array: the distribution that ``bench.loss`` draws from at
+    ``bench.init_params()`` (the same model, guide and initial parameters).
+    """
+    jax, svi, args = _numpyro_svi(bench, num_particles)
+    state = svi.init(jax.random.PRNGKey(seed), *args)
+    params = svi.get_params(state)  # constrained, as SVI.update passes them to the loss
+
+    def losses(keys, params, args):  # arguments, not constants that XLA would fold
+        def one(key):
+            return svi.loss.loss(key, params, svi.model, svi.guide, *args)
+
+        return jax.lax.map(one, keys)
+
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), draws)
+    return np.asarray(jax.jit(losses)(keys, params, args))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,15 +725,6 @@ def handwritten_step(
     return lambda: compiled_whole(params, m, v, t).item()
 
 
-def _numpyro_available() -> bool:
-    try:
-        import jax  # noqa: F401
-        import numpyro  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def make_method(bench: Bench, method: str, num_particles: int) -> Step | None:
     """One step of ``method`` on ``bench`` at ``num_particles``, or ``None`` (with a printed
     message) when it does not apply."""
@@ -471,9 +735,8 @@ def make_method(bench: Bench, method: str, num_particles: int) -> Step | None:
     if method == "numpyro":
         if not _numpyro_available():
             print("numpyro: not installed (pip install '.[bench]'); column skipped")
-        else:
-            print("numpyro: installed, but its steps are not written here yet; column skipped")
-        return None
+            return None
+        return numpyro_step(bench, num_particles)
     model, guide = bench.pyro_pair(f"{bench.name}_{method}_k{num_particles}")
     optim = pyro.optim.Adam({"lr": bench.lr})
     vectorized = {"num_particles": num_particles, "max_plate_nesting": 1}
@@ -574,15 +837,16 @@ def run_block(
         peaks = {}
         if memory:
             for method, step in steps.items():
-                peaks[method] = max(bench_vae_step._profiled_peak_mb(step) for _ in range(2))
+                if method != "numpyro":  # n/a: see NUMPYRO_PEAK_NOTE
+                    peaks[method] = max(bench_vae_step._profiled_peak_mb(step) for _ in range(2))
     for method, row in rows.items():
         if method in steps:
             ratios = [a / b for a, b in zip(times[method], times[REFERENCE], strict=True)]
             row["step_ms"] = 1e3 * statistics.median(times[method])
             row["ratio"] = statistics.median(ratios)
             if memory:
-                row["peak_mib"] = peaks[method]
-                row["peak_ratio"] = peaks[method] / peaks[REFERENCE]
+                row["peak_mib"] = peaks.get(method, math.nan)
+                row["peak_ratio"] = row["peak_mib"] / peaks[REFERENCE]
     table = pd.DataFrame(list(rows.values()))
     columns = ["model", "K", "method", "first_s", "step_ms", "ratio", "peak_mib", "peak_ratio"]
     return table.reindex(columns=[*columns, "note"])
@@ -657,6 +921,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
 
 def _run(args: argparse.Namespace) -> pd.DataFrame:
     print(bench_vae_step.machine_description())
+    print(f"pyro_fdiv: {Path(pyro_fdiv.__file__).parent}; {_numpyro_versions()}")
     print(f"inductor cache: {os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'default')}")
     print(
         f"{args.rounds} rounds x {args.steps} steps ({args.warmup} warm-up); VAE "
@@ -695,6 +960,8 @@ def _run(args: argparse.Namespace) -> pd.DataFrame:
     notes = table[table.note.astype("string").fillna("") != ""]
     for row in notes.itertuples():
         print(f"note: {row.model} K={row.K} {row.method}: {row.note}")
+    if not args.no_memory and (table.method == "numpyro").any():
+        print(f"note: {NUMPYRO_PEAK_NOTE}")
     print(f"load average after: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
     return table
 

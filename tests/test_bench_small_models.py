@@ -3,13 +3,16 @@ IWAE bound as ours (equal losses for the same draws, step after step), and the h
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pyro
 import pyro.optim
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import bench_small_models as bench_module
@@ -89,6 +92,48 @@ def test_smoke_run_and_resume(tmp_path):
     resumed = bench_module.main([*argv, "--resume", "--models", "eight_schools"])
     assert len(resumed) == len(table)  # every block was kept, none rerun
     assert out.with_suffix(".csv").read_text() == saved
+
+
+def test_numpyro_column_runs_or_is_skipped(capsys):
+    # With jax and numpyro installed (the bench extra) the column has a step time and no peak
+    # memory; without them (CI) it is skipped with a printed message.
+    argv = ["--smoke", "--particles", "1", "--models", "eight_schools"]
+    table = bench_module.main([*argv, "--methods", "handwritten", "numpyro"])
+    rows = table[table.method == "numpyro"]
+    if bench_module._numpyro_available():
+        assert len(rows) == 1
+        assert rows.step_ms.notna().all() and rows.first_s.notna().all()
+        assert rows.peak_mib.isna().all()  # n/a: see NUMPYRO_PEAK_NOTE
+        assert "numpyro peak memory: n/a" in capsys.readouterr().out
+    else:
+        assert rows.empty
+        assert "numpyro: not installed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("name", "num_particles", "draws"),
+    [
+        ("eight_schools", 1, 2000),
+        ("eight_schools", 64, 1000),
+        ("logistic", 64, 1000),
+        ("hierarchical", 64, 1000),
+        ("vae", 8, 60),
+    ],
+)
+def test_numpyro_loss_is_ours(name, num_particles, draws):
+    # The NumPyro column computes the same bound: at the same initial parameters NumPyro's
+    # RenyiELBO(0) loss and the reference's negated IWAE bound have the same mean (4 standard
+    # errors; the draws are seeded, so the test is deterministic).
+    pytest.importorskip("numpyro")
+    bench = bench_module.build_bench(name)
+    pyro.set_rng_seed(0)
+    params = bench.init_params()
+    with torch.no_grad():
+        ours = np.array([bench.loss(params, num_particles).item() for _ in range(draws)])
+    theirs = bench_module.numpyro_initial_losses(bench, num_particles, draws)
+    assert theirs.shape == (draws,) and np.isfinite(theirs).all()
+    standard_error = math.sqrt(ours.var(ddof=1) / draws + theirs.var(ddof=1) / draws)
+    assert abs(ours.mean() - theirs.mean()) < 4 * standard_error
 
 
 def test_unknown_model_and_method_raise():
