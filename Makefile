@@ -18,7 +18,7 @@ format:
 	$(VENV)/bin/ruff format .
 
 test:
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 test-slow:
 	$(PY) -m pytest -q -m slow
