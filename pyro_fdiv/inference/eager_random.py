@@ -11,7 +11,7 @@ the global generator, but that is not enough:
   scheduled in another order than the eager run's, which gives each site the other's
   numbers.
 
-So :func:`capture <pyro_fdiv.inference.compiled.capture>` records every random ATen op of the
+So the capture (``pyro_fdiv.inference.compiled.capture``) records every random ATen op of the
 model, guide and objective as one opaque op, ``pyro_fdiv::draw``, that runs the ATen kernel
 eagerly. Each call takes the previous call's output as an input it does not read: a data
 dependency, so no compiler pass can run them in another order (Inductor was seen to reorder
