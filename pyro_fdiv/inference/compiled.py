@@ -669,7 +669,8 @@ class _ProgramCache:
                         fallback=False,
                     )
                 return out
-            got_first = got_first if retry is not None else got
+            if retry is None:
+                got_first = got
             if not self.inductor:
                 break
         _restore(writes, saved)

@@ -66,34 +66,29 @@ _RANDOM_OPS = (
 
 
 class _Unencodable(Exception):
-    """An argument the JSON description cannot hold: the op is recorded as it is."""
+    """An argument the JSON description cannot hold (a tensor anywhere but as a positional
+    argument, an object): the op is recorded as it is."""
 
 
-def _encode(value: Any, tensors: list[torch.Tensor]) -> Any:
-    if isinstance(value, torch.Tensor):
-        tensors.append(value)
-        return {"tensor": len(tensors) - 1}
+def _encode(value: Any) -> Any:
+    """A non-tensor argument as JSON."""
     if isinstance(value, torch.dtype | torch.layout | torch.memory_format):
         return {"torch": str(value).removeprefix("torch.")}
     if isinstance(value, torch.device):
         return {"device": str(value)}
     if isinstance(value, list | tuple):
-        return [_encode(v, tensors) for v in value]
+        return [_encode(v) for v in value]
     if value is None or isinstance(value, bool | int | float | str):
         return value
     raise _Unencodable(type(value).__name__)
 
 
-def _decode(value: Any, tensors: list[torch.Tensor]) -> Any:
+def _decode(value: Any) -> Any:
     if isinstance(value, dict):
         ((kind, item),) = value.items()
-        if kind == "tensor":
-            return tensors[item]
-        if kind == "device":
-            return torch.device(item)
-        return getattr(torch, item)
+        return torch.device(item) if kind == "device" else getattr(torch, item)
     if isinstance(value, list):
-        return [_decode(v, tensors) for v in value]
+        return [_decode(v) for v in value]
     return value
 
 
@@ -103,33 +98,18 @@ def _plan(call: str) -> Callable[[list[torch.Tensor]], torch.Tensor]:
     in, laid out as in the eager run (:func:`_as_traced`). An in-place op fills a new tensor
     with its input's eager layout (these ops do not read its values), so the inputs are
     never written."""
-    name, overload, args, kwargs, strides = json.loads(call)
+    name, overload, args, kwargs, slots, strides = json.loads(call)
     op = getattr(getattr(torch.ops.aten, name), overload)
     inplace = name.endswith("_")
-    top = [(i, a["tensor"]) for i, a in enumerate(args) if isinstance(a, dict) and "tensor" in a]
-    rest = [a for i, a in enumerate(args) if i not in dict(top)]
-    if '"tensor"' in json.dumps([rest, kwargs]):  # tensors in lists or keywords: decode each call
-        return functools.partial(_generic, op, args, kwargs, inplace, strides)
-    template: list[Any] = [
-        None if isinstance(a, dict) and "tensor" in a else _decode(a, []) for a in args
-    ]
-    options = {key: _decode(value, []) for key, value in kwargs.items()}
+    template, options = _decode(args), {key: _decode(value) for key, value in kwargs.items()}
 
     def run(tensors: list[torch.Tensor]) -> torch.Tensor:
         values = list(template)
-        for i, j in top:
-            values[i] = _as_traced(tensors[j], strides[j], inplace and i == 0)
+        for j, (i, stride) in enumerate(zip(slots, strides, strict=True)):
+            values[i] = _as_traced(tensors[j], stride, inplace and i == 0)
         return op(*values, **options)
 
     return run
-
-
-def _generic(op, args, kwargs, inplace, strides, tensors: list[torch.Tensor]) -> torch.Tensor:
-    first = tensors[0] if inplace else None
-    tensors = [_as_traced(t, st, t is first) for t, st in zip(tensors, strides, strict=True)]
-    args = _decode(args, tensors)
-    kwargs = {key: _decode(value, tensors) for key, value in kwargs.items()}
-    return op(*args, **kwargs)
 
 
 def _as_traced(t: torch.Tensor, stride: list[int] | None, fresh: bool = False) -> torch.Tensor:
@@ -189,14 +169,15 @@ def _recorded(op: torch._ops.OpOverload) -> Callable:
     def record(*args: Any, **kwargs: Any) -> Any:
         if kwargs.get("generator") is not None:
             return NotImplemented  # an explicit generator: recorded as it is
-        tensors: list[torch.Tensor] = []
+        slots = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        tensors = [args[i] for i in slots]
         try:
-            encoded = {key: _encode(value, tensors) for key, value in kwargs.items()}
-            positional = _encode(args, tensors)
-            strides = [list(t.stride()) if _dense(t) else None for t in tensors]
-            call = json.dumps([name, overload, positional, encoded, strides])
+            positional = [None if i in slots else _encode(a) for i, a in enumerate(args)]
+            encoded = {key: _encode(value) for key, value in kwargs.items()}
         except _Unencodable:
             return NotImplemented
+        strides = [list(t.stride()) if _dense(t) else None for t in tensors]
+        call = json.dumps([name, overload, positional, encoded, slots, strides])
         after = _CHAIN.last if _CHAIN.last is not None else torch.empty(0)
         out = _CHAIN.last = _draw(tensors, after, call)
         if inplace:  # the input holds the draw too (in-place semantics); its users read out

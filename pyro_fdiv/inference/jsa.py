@@ -698,8 +698,7 @@ class JSA(ELBO, ChainStore, Compilable):
         return [self]  # the chains: read afresh on every call
 
     def _raise_non_finite(self, value, model, guide, args, kwargs, part="") -> None:
-        with torch.no_grad():  # the same draw, eagerly: the check names the sites
-            self._checked(self._step(model, guide, args, kwargs, grad=False))
+        self.loss(model, guide, *args, **kwargs)  # the same draw, eagerly: names the sites
         raise ValueError(
             f"JSA: the compiled loss is {value}, but the same draw's loss is finite eagerly: "
             "the compiled program's arithmetic overflowed. Run with compile=False, or in float64."
